@@ -1,0 +1,3 @@
+from marketdata_pipeline.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""`marketdata`: the operator's command line. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+
+from marketdata_pipeline import bootstrap as bootstrap_mod
+from marketdata_pipeline import config, db, embedded, migrations
+from marketdata_pipeline.errors import ConfigError, MarketdataError
+from marketdata_pipeline.warehouse_status import status as warehouse_status
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+def cli(verbose: bool) -> None:
+    """Operate the market-data warehouse and its Dagster code location."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Migrations and the state of the warehouse."""
+
+
+@db_group.command("migrate")
+def db_migrate() -> None:
+    """Apply pending SQL migrations from sql/ (safe to run concurrently)."""
+    with db.connection(embedded.warehouse_url()) as conn:
+        applied = migrations.migrate(conn)
+    if applied:
+        for name in applied:
+            click.echo(f"applied {name}")
+    else:
+        click.echo("schema up to date: nothing to apply")
+
+
+@db_group.command("status")
+def db_status() -> None:
+    """Applied migrations, engine (TimescaleDB or plain PostgreSQL) and row counts."""
+    url = embedded.warehouse_url()
+    with db.connection(url) as conn:
+        report = warehouse_status(conn)
+    engine = (
+        f"TimescaleDB {report.timescaledb_version}"
+        if report.timescaledb_version
+        else "PostgreSQL (no TimescaleDB: plain tables and views)"
+    )
+    click.echo(f"warehouse: {db.describe(url)}")
+    click.echo(f"engine:    {engine}")
+    click.echo("migrations:")
+    for m in report.applied:
+        click.echo(f"  {m.version:03d}  {m.name:<40} {m.applied_at:%Y-%m-%d %H:%M:%S}Z")
+    for name in report.pending:
+        click.echo(f"  ---  {name:<40} pending")
+    click.echo("rows:")
+    for table, count in report.row_counts.items():
+        click.echo(f"  {table:<20} {'(missing)' if count is None else f'{count:>12,}'}")
+
+
+@db_group.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL server (data is kept under MARKETDATA_HOME)."""
+    if config.database_url():
+        raise ConfigError("DATABASE_URL is set: there is no embedded server to stop")
+    stopped = embedded.stop()
+    click.echo("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL not running")
+
+
+@cli.command("bootstrap")
+def bootstrap() -> None:
+    """Migrate, verify the schema, create the admin API key and seed the default symbols."""
+    with db.connection(embedded.warehouse_url()) as conn:
+        result = bootstrap_mod.bootstrap(conn)
+    _print_bootstrap(result)
+
+
+def _print_bootstrap(result: bootstrap_mod.BootstrapResult) -> None:
+    if not result.changed:
+        click.echo("already bootstrapped: schema up to date, admin key exists, symbols seeded")
+        return
+    for name in result.migrations_applied:
+        click.echo(f"applied {name}")
+    if result.symbols_added:
+        click.echo(f"seeded {len(result.symbols_added)} symbols: {' '.join(result.symbols_added)}")
+    if result.admin_key:
+        click.echo(f"admin API key (shown once, store it now): {result.admin_key}")
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@cli.command("ui")
+@click.option("--port", default=3000, show_default=True, help="Port of the Dagster web UI.")
+def ui(port: int) -> None:
+    """Bootstrap the warehouse and run the Dagster UI and daemon on 127.0.0.1."""
+    started_embedded = not config.database_url() and not embedded.is_running()
+    url = embedded.warehouse_url()
+    with db.connection(url) as conn:
+        _print_bootstrap(bootstrap_mod.bootstrap(conn))
+
+    dagster_url = os.environ.get("DAGSTER_PG_URL")
+    if not dagster_url:
+        embedded.ensure_database(url, "dagster")
+        dagster_url = _with_database(url, "dagster")
+    dagster_home = config.marketdata_home() / "dagster"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "DAGSTER_PG_URL": dagster_url,
+        "DAGSTER_HOME": str(dagster_home),
+    }
+    command = [
+        sys.executable, "-m", "dagster", "dev",
+        "-w", str(PROJECT_DIR / "workspace.yaml"),
+        "-h", "127.0.0.1", "-p", str(port),
+    ]  # fmt: skip
+    click.echo(f"Dagster UI: http://127.0.0.1:{port}  (warehouse {db.describe(url)})")
+    try:
+        subprocess.run(command, env=env, cwd=dagster_home, check=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if started_embedded:
+            embedded.stop()
+            click.echo("embedded PostgreSQL stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="marketdata", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:
+        click.echo(error.ctx.get_help() if error.ctx else error.format_message(), err=True)
+        sys.exit(2)
+    except click.UsageError as error:
+        where = error.ctx.command_path if error.ctx else "marketdata"
+        click.echo(f"marketdata: {error.format_message()} (see '{where} --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as error:
+        click.echo(f"marketdata: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    except click.Abort:
+        click.echo("marketdata: aborted", err=True)
+        sys.exit(130)
+    except MarketdataError as error:
+        click.echo(f"marketdata: error: {error}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

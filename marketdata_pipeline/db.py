@@ -1,0 +1,74 @@
+"""Connections to the warehouse: UTC sessions, a pool, and errors that never show a password."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+
+from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable
+
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+def describe(url: str) -> str:
+    """Host and port of a URL, for messages: never the user's password."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise ConfigError("DATABASE_URL is not a valid PostgreSQL connection URL") from None
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"{host}:{port}" if not str(host).startswith("/") else f"socket {host}"
+
+
+def _reason(error: psycopg.OperationalError) -> str:
+    """The last, most specific clause of libpq's message (it names no password)."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unknown error"
+    return first_line.rsplit("failed: ", 1)[-1]
+
+
+def _set_utc(conn: psycopg.Connection) -> None:
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.commit()
+
+
+def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
+    """One session in UTC, or DatabaseUnavailable naming host and port."""
+    where = describe(url)
+    try:
+        conn = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+    except psycopg.OperationalError as error:
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {where}: {_reason(error)}"
+        ) from None
+    _set_utc(conn)
+    conn.autocommit = autocommit
+    return conn
+
+
+@contextmanager
+def connection(url: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    conn = connect(url, autocommit=autocommit)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def open_pool(url: str, *, max_size: int = 4) -> ConnectionPool:
+    """A pool of UTC sessions; fails at once with DatabaseUnavailable if none can open."""
+    connect(url).close()  # surface a clear error before the pool starts retrying quietly
+    pool = ConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+        configure=_set_utc,
+        open=False,
+    )
+    pool.open(wait=True, timeout=CONNECT_TIMEOUT_SECONDS * 2)
+    return pool

@@ -1,0 +1,108 @@
+"""Shared fixtures: a real PostgreSQL started by the suite, fresh databases, PGlite TimescaleDB."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from marketdata_pipeline import embedded
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PGLITE_DIR = Path(__file__).resolve().parent / "pglite"
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server for the whole run, from the same wheel as the embedded default."""
+    home = tmp_path_factory.mktemp("pgserver")
+    url = embedded.start(home)
+    yield url
+    embedded.stop(home)
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str) -> Iterator[str]:
+    """A new, empty database on the suite's server; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield with_database(pg_admin_url, name)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    """Run `marketdata ARGS` in a subprocess, as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "marketdata_pipeline", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=PROJECT_DIR,
+    )
+
+
+@pytest.fixture(scope="module")
+def timescaledb_url() -> Iterator[str]:
+    """PGlite with TimescaleDB on a loopback port (npm packages installed on first use)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node and npm are not installed: the TimescaleDB (PGlite) engine needs them")
+    if not (PGLITE_DIR / "node_modules" / "@unni-craftsman" / "pglite").exists():
+        subprocess.run(
+            [npm, "install", "--legacy-peer-deps", "--no-package-lock", "--no-audit", "--no-fund"],
+            cwd=PGLITE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    port = free_port()
+    process = subprocess.Popen(
+        [node, "server.mjs", str(port)],
+        cwd=PGLITE_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if "listening" not in line:
+            pytest.fail(f"PGlite TimescaleDB did not start: {line}{process.stdout.read()}")
+        url = f"postgresql://postgres:postgres@127.0.0.1:{port}/postgres?sslmode=disable"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(url, connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

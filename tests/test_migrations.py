@@ -1,0 +1,129 @@
+"""Migrations on real PostgreSQL: fresh, repeated, concurrent, edited, failing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from marketdata_pipeline import db, migrations
+from marketdata_pipeline.bootstrap import TABLES, VIEWS
+from marketdata_pipeline.errors import MigrationError
+from tests.conftest import PROJECT_DIR
+
+
+def relations(conn: psycopg.Connection) -> set[str]:
+    rows = conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_fresh_database_gets_every_table_and_a_checksummed_ledger(database_url: str) -> None:
+    with db.connection(database_url) as conn:
+        applied = migrations.migrate(conn)
+        assert applied == [
+            "001_registry_and_keys.sql",
+            "002_bars.sql",
+            "003_bars_storage.postgres.sql",
+        ]
+        assert set(TABLES) | set(VIEWS) <= relations(conn)
+        ledger = conn.execute(
+            "SELECT version, name, checksum FROM schema_migrations ORDER BY version"
+        ).fetchall()
+    sql_dir = PROJECT_DIR / "sql"
+    assert ledger == [
+        (i + 1, name, hashlib.sha256((sql_dir / name).read_bytes()).hexdigest())
+        for i, name in enumerate(applied)
+    ]
+
+
+def test_second_run_applies_nothing_and_changes_nothing(database_url: str) -> None:
+    with db.connection(database_url) as conn:
+        migrations.migrate(conn)
+        before = conn.execute("SELECT * FROM schema_migrations ORDER BY version").fetchall()
+        assert migrations.migrate(conn) == []
+        after = conn.execute("SELECT * FROM schema_migrations ORDER BY version").fetchall()
+    assert before == after
+
+
+def test_concurrent_runners_serialize_one_applies_the_other_waits(database_url: str) -> None:
+    env_cmd = [sys.executable, "-m", "marketdata_pipeline", "db", "migrate"]
+    with db.connection(database_url, autocommit=True) as holder:
+        # Hold the migration lock so both runners are provably waiting at the same time.
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrations.MIGRATION_LOCK_KEY,))
+        runners = [
+            subprocess.Popen(
+                env_cmd,
+                cwd=PROJECT_DIR,
+                env={**os.environ, "DATABASE_URL": database_url},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 30
+        while _advisory_waiters(holder) < 2:
+            assert time.monotonic() < deadline, "runners never reached the lock"
+            assert all(r.poll() is None for r in runners), "a runner exited without waiting"
+            time.sleep(0.1)
+        holder.execute("SELECT pg_advisory_unlock(%s)", (migrations.MIGRATION_LOCK_KEY,))
+        outputs = [r.communicate(timeout=60) for r in runners]
+
+    assert [r.returncode for r in runners] == [0, 0], outputs
+    stdouts = sorted(out for out, _ in outputs)
+    assert stdouts[0].count("applied ") == 3
+    assert "nothing to apply" in stdouts[1]
+    with db.connection(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (3,)
+
+
+def _advisory_waiters(conn: psycopg.Connection) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    ).fetchone()
+    return row[0] if row else 0
+
+
+def test_edited_applied_migration_is_refused_by_name(database_url: str, tmp_path: Path) -> None:
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(PROJECT_DIR / "sql", sql_dir)
+    with db.connection(database_url) as conn:
+        migrations.migrate(conn, sql_dir)
+        edited = sql_dir / "002_bars.sql"
+        edited.write_text(edited.read_text() + "\n-- an innocent-looking edit\n")
+        with pytest.raises(MigrationError, match=r"002_bars\.sql was edited after it was applied"):
+            migrations.migrate(conn, sql_dir)
+
+
+def test_failed_migration_leaves_the_last_good_version(database_url: str, tmp_path: Path) -> None:
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(PROJECT_DIR / "sql", sql_dir)
+    (sql_dir / "004_broken.sql").write_text(
+        "CREATE TABLE half_done (id int);\nSELECT * FROM no_such_table;\n"
+    )
+    with db.connection(database_url) as conn:
+        with pytest.raises(MigrationError, match=r"004_broken\.sql failed: .*no_such_table"):
+            migrations.migrate(conn, sql_dir)
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (3,)
+        assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
+
+
+def test_file_name_that_breaks_the_convention_is_named(tmp_path: Path) -> None:
+    (tmp_path / "4_oops.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=r"4_oops\.sql"):
+        migrations.discover(tmp_path, timescaledb=False)
+
+
+def test_engine_variant_pairs_are_required(tmp_path: Path) -> None:
+    (tmp_path / "001_a.timescaledb.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=r"version 001 needs both"):
+        migrations.discover(tmp_path, timescaledb=True)
