@@ -7,8 +7,11 @@ from contextlib import contextmanager
 
 import dagster as dg
 import psycopg
+from pydantic import Field
 
 from marketdata_pipeline import db, embedded
+from marketdata_pipeline.config import POLYGON_OFFICIAL_BASE_URL
+from marketdata_pipeline.polygon import PolygonClient
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -25,3 +28,22 @@ class WarehouseResource(dg.ConfigurableResource):
     def connection(self) -> Iterator[psycopg.Connection]:
         with db.connection(self.url()) as conn:
             yield conn
+
+
+class PolygonResource(dg.ConfigurableResource):
+    """Polygon's aggregates API (or the offline simulator at `base_url`)."""
+
+    api_key: str | None = Field(
+        default=None, description="Sent only as `Authorization: Bearer`; use EnvVar."
+    )
+    base_url: str = Field(default=POLYGON_OFFICIAL_BASE_URL, description="Polygon's base URL.")
+    max_requests_per_minute: int | None = Field(
+        default=None, description="Client-side limit per process (5 on the free plan)."
+    )
+
+    def client(self) -> PolygonClient:
+        return PolygonClient(
+            self.api_key,
+            self.base_url,
+            max_requests_per_minute=self.max_requests_per_minute,
+        )

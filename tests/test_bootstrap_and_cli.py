@@ -1,4 +1,4 @@
-"""`marketdata bootstrap`, the embedded default and the CLI's error paths, as an operator runs them."""
+"""`marketdata bootstrap`, the embedded default and the CLI error paths, as run by an operator."""
 
 from __future__ import annotations
 

@@ -1,0 +1,380 @@
+"""The Polygon client against recorded responses and the simulator (in process and on a socket)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from marketdata_pipeline.polygon import (
+    BAR_SCHEMA,
+    PolygonAuthError,
+    PolygonClient,
+    PolygonResponseError,
+    PolygonUnavailable,
+    RateLimiter,
+    RetryPolicy,
+    decode_page,
+)
+from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.symbols import polygon_ticker
+
+FIXTURES = Path(__file__).parent / "fixtures" / "polygon"
+KEY = "pk_live_7Hq2SECRETw9Zk4"
+FAST_RETRY = RetryPolicy(max_attempts=4, max_total_seconds=20, initial_backoff=0.01, max_backoff=2)
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator(api_key=KEY)
+
+
+@pytest.fixture
+def server(sim: Simulator) -> Iterator[SimulatorHTTPServer]:
+    running = serve(sim)
+    yield running
+    running.shutdown()
+    running.server_close()
+
+
+def socket_client(server: SimulatorHTTPServer, **kwargs: object) -> PolygonClient:
+    return PolygonClient(KEY, server.url, retry=FAST_RETRY, **kwargs)  # type: ignore[arg-type]
+
+
+def expected_frame(sim: Simulator, ticker: str, timespan: str, first: date, last: date):
+    bars = sim.expected_bars(ticker, timespan, first, last)
+    return pl.DataFrame(
+        {
+            "ts": pl.Series(bars["t"]).cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"),
+            "open": bars["o"],
+            "high": bars["h"],
+            "low": bars["l"],
+            "close": bars["c"],
+            "volume": bars["v"],
+            "vwap": bars["vw"],
+            "trades": bars["n"],
+        },
+        schema=BAR_SCHEMA,
+    )
+
+
+# -- recorded responses ------------------------------------------------------------------
+
+
+def test_recorded_aapl_daily_bars_parse_exactly() -> None:
+    content = (FIXTURES / "aggs_AAPL_1_day_2005-04-01_2005-04-04.json").read_bytes()
+    page = decode_page(content, ticker="AAPL", adjusted=True)
+    assert page.request_id == "12afda77aab3b1936c5fb6ef4241ae42"
+    assert page.frame.schema == BAR_SCHEMA
+    first = page.frame.row(0, named=True)
+    assert first == {
+        "ts": datetime(2005, 4, 1, 5, 0, tzinfo=UTC),
+        "open": 1.5032,
+        "high": 1.5064,
+        "low": 1.4489,
+        "close": 1.4604,
+        "volume": 642646396.0,
+        "vwap": 1.469,
+        "trades": 82132,
+    }
+    assert int(page.frame["ts"].dt.epoch("ms")[0]) == 1112331600000
+    # 2005-04-04 is after the DST change: 00:00 New York is 04:00Z.
+    assert page.frame["ts"][1] == datetime(2005, 4, 4, 4, 0, tzinfo=UTC)
+
+
+def test_optional_fields_absent_become_nulls_and_no_results_is_an_empty_typed_frame() -> None:
+    body = {
+        "ticker": "X:BTCUSD",
+        "adjusted": True,
+        "queryCount": 1,
+        "resultsCount": 1,
+        "status": "OK",
+        "request_id": "abc",
+        "results": [{"o": 1, "h": 2, "l": 0.5, "c": 1.5, "v": 0.25, "t": 1704067200000}],
+    }
+    page = decode_page(json.dumps(body).encode(), ticker="X:BTCUSD", adjusted=True)
+    assert page.frame.schema == BAR_SCHEMA
+    assert page.frame.row(0) == (
+        datetime(2024, 1, 1, tzinfo=UTC),
+        1.0,
+        2.0,
+        0.5,
+        1.5,
+        0.25,
+        None,
+        None,
+    )
+    del body["results"]
+    empty = decode_page(json.dumps(body).encode(), ticker="X:BTCUSD", adjusted=True)
+    assert empty.frame.schema == BAR_SCHEMA and empty.frame.height == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"ticker": "MSFT"}, "answered for 'MSFT'"),
+        ({"adjusted": False}, "adjusted=False"),
+        (
+            {"results": [{"o": "one", "h": 2, "l": 1, "c": 1, "v": 1, "t": 1}]},
+            "breaks the aggregates schema",
+        ),
+        ({"results": [{"o": 1, "h": 2, "l": 1, "c": 1, "v": 1}]}, "without a timestamp"),
+        ({"status": "ERROR"}, "unexpected body"),
+    ],
+)
+def test_schema_breaking_bodies_fail_with_the_request_id(change: dict, message: str) -> None:
+    body = json.loads((FIXTURES / "aggs_AAPL_1_day_2005-04-01_2005-04-04.json").read_text())
+    body.update(change)
+    with pytest.raises(PolygonResponseError, match=message) as raised:
+        decode_page(json.dumps(body).encode(), ticker="AAPL", adjusted=True)
+    assert "12afda77aab3b1936c5fb6ef4241ae42" in str(raised.value)
+
+
+# -- pagination and data ------------------------------------------------------------------
+
+
+def test_pagination_over_three_pages_loses_and_repeats_nothing(sim: Simulator) -> None:
+    client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
+    pages = list(client.aggregate_pages("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 6, 30)))
+    assert len(pages) >= 3
+    assert all(p.frame.height <= 50_000 for p in pages)
+    assert len({p.request_id for p in pages}) == len(pages)
+    got = pl.concat([p.frame for p in pages])
+    assert got["ts"].is_unique().all()
+    assert got["ts"].is_sorted()
+    assert got.equals(expected_frame(sim, "AAPL", "minute", date(2024, 1, 1), date(2024, 6, 30)))
+    assert len(sim.requests) == len(pages)
+    assert "limit=50000" in sim.requests[0] and "adjusted=true" in sim.requests[0]
+    assert all("cursor=" in r for r in sim.requests[1:])
+
+
+def test_next_url_is_followed_on_the_configured_host_only(sim: Simulator) -> None:
+    sim.base_url = "https://attacker.example"
+    client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
+    frame = client.aggregates("MSFT", 1, "minute", date(2024, 1, 1), date(2024, 3, 31))
+    assert frame.height > 50_000  # needed a second page, fetched from polygon.test
+
+
+def test_crypto_symbol_maps_to_polygon_ticker_and_trades_24_7(sim: Simulator) -> None:
+    ticker = polygon_ticker("btc", "crypto")
+    assert ticker == "X:BTCUSD"
+    client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
+    daily = client.aggregates(ticker, 1, "day", date(2024, 1, 1), date(2024, 1, 31))
+    assert daily.height == 31
+    assert daily["ts"][0] == datetime(2024, 1, 1, tzinfo=UTC)
+    assert (daily["volume"] % 1 != 0).any(), "crypto volume is fractional"
+
+
+def test_stock_daily_bars_follow_nyse_sessions(sim: Simulator) -> None:
+    client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
+    daily = client.aggregates("SPY", 1, "day", date(2024, 11, 25), date(2024, 12, 1))
+    # Thanksgiving (28th) closed; weekend closed; 00:00 New York = 05:00Z in winter.
+    assert [t.day for t in daily["ts"]] == [25, 26, 27, 29]
+    assert all(t.hour == 5 for t in daily["ts"])
+    weekend = client.aggregates("SPY", 1, "minute", date(2024, 11, 30), date(2024, 12, 1))
+    assert weekend.height == 0 and weekend.schema == BAR_SCHEMA
+
+
+def test_revised_history_changes_adjusted_bars_before_the_split(sim: Simulator) -> None:
+    client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
+    before = client.aggregates("NVDA", 1, "day", date(2024, 6, 1), date(2024, 6, 30))
+    sim.split("NVDA", date(2024, 6, 10), 10.0)
+    after = client.aggregates("NVDA", 1, "day", date(2024, 6, 1), date(2024, 6, 30))
+    split_at = datetime(2024, 6, 10, 4, tzinfo=UTC)
+    old, new = before.filter(pl.col("ts") < split_at), after.filter(pl.col("ts") < split_at)
+    assert new["close"].to_list() == pytest.approx((old["close"] / 10).to_list(), abs=1e-4)
+    assert after.filter(pl.col("ts") >= split_at).equals(before.filter(pl.col("ts") >= split_at))
+
+
+# -- faults, over a real loopback socket -------------------------------------------------
+
+
+def test_429_waits_for_retry_after_then_succeeds(sim: Simulator, server) -> None:
+    sim.inject(Faults(rate_limited=1, retry_after=1))
+    started = time.monotonic()
+    frame = socket_client(server).aggregates("AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 31))
+    assert time.monotonic() - started >= 0.95
+    assert frame.height == 21
+    assert len(sim.requests) == 2
+
+
+def test_5xx_burst_is_retried(sim: Simulator, server) -> None:
+    sim.inject(Faults(server_errors=3))
+    frame = socket_client(server).aggregates("AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 31))
+    assert frame.height == 21
+    assert len(sim.requests) == 4
+
+
+def test_persistent_5xx_gives_up_after_the_attempt_budget(sim: Simulator, server) -> None:
+    sim.inject(Faults(server_errors=-1))
+    with pytest.raises(PolygonUnavailable, match=r"AAPL kept failing.*502"):
+        socket_client(server).aggregates("AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 31))
+    assert len(sim.requests) == FAST_RETRY.max_attempts
+
+
+def test_total_retry_time_is_bounded(sim: Simulator, server) -> None:
+    sim.inject(Faults(rate_limited=-1, retry_after=1))
+    policy = RetryPolicy(max_attempts=50, max_total_seconds=2.5, initial_backoff=0.01)
+    started = time.monotonic()
+    with pytest.raises(PolygonUnavailable, match="429"):
+        PolygonClient(KEY, server.url, retry=policy).aggregates(
+            "AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 5)
+        )
+    assert time.monotonic() - started < 5
+    assert 2 <= len(sim.requests) <= 4
+
+
+def test_slow_replies_time_out_and_are_retried(sim: Simulator, server) -> None:
+    sim.inject(Faults(delay_seconds=0.6), "AAPL")
+    with pytest.raises(PolygonUnavailable, match="ReadTimeout"):
+        socket_client(server, timeout=0.2).aggregates(
+            "AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 5)
+        )
+    assert len(sim.requests) == FAST_RETRY.max_attempts
+    frame = socket_client(server, timeout=5).aggregates(
+        "AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 5)
+    )
+    assert frame.height == 4  # Jan 2-5, 2024
+
+
+def test_connection_refused_is_retried_then_reported(server) -> None:
+    url = server.url
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(PolygonUnavailable, match="ConnectError"):
+        PolygonClient(KEY, url, retry=FAST_RETRY).aggregates(
+            "AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 5)
+        )
+
+
+def test_truncated_json_fails_at_once_with_the_request_id(sim: Simulator, server) -> None:
+    sim.inject(Faults(truncated=1))
+    with pytest.raises(
+        PolygonResponseError, match=r"malformed JSON for AAPL \(request id [0-9a-f]{32}"
+    ):
+        socket_client(server).aggregates("AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 31))
+    assert len(sim.requests) == 1
+
+
+def test_not_authorized_fails_at_once_naming_ticker_and_provider_text(sim: Simulator, server):
+    sim.inject(Faults(not_authorized=True), "X:SOLUSD")
+    with pytest.raises(
+        PolygonAuthError, match=r"X:SOLUSD \(403\): NOT_AUTHORIZED: You are not entitled"
+    ):
+        socket_client(server).aggregates(
+            "X:SOLUSD", 1, "minute", date(2024, 1, 1), date(2024, 1, 2)
+        )
+    assert len(sim.requests) == 1
+    # Other tickers are unaffected.
+    assert (
+        socket_client(server)
+        .aggregates("AAPL", 1, "day", date(2024, 1, 2), date(2024, 1, 2))
+        .height
+        == 1
+    )
+
+
+def test_wrong_key_is_401_and_final(sim: Simulator, server) -> None:
+    client = PolygonClient("not-the-key", server.url, retry=FAST_RETRY)
+    with pytest.raises(PolygonAuthError, match=r"AAPL \(401\): ERROR: Unknown API Key"):
+        client.aggregates("AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 5))
+    assert len(sim.requests) == 1
+
+
+def test_bars_breaking_ohlc_rules_and_repeated_timestamps_reach_the_caller(sim: Simulator, server):
+    sim.inject(Faults(bad_ohlc_every=5, repeat_timestamp_every=7), "AAPL")
+    frame = socket_client(server).aggregates("AAPL", 1, "day", date(2024, 1, 1), date(2024, 3, 31))
+    assert frame.filter(pl.col("high") < pl.col("low")).height == frame.height // 5
+    assert frame["ts"].is_duplicated().sum() > 0
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+
+def test_the_key_never_leaks(sim: Simulator, server, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    seen: list[str] = []
+    client = socket_client(server)
+    seen.append(repr(client))
+    seen.append(
+        str(client.aggregates("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 3, 31)).head())
+    )
+    scenarios = [
+        Faults(server_errors=-1, after_requests=1),  # fails mid-pagination, after page one
+        Faults(truncated=1, after_requests=1),
+        Faults(not_authorized=True, after_requests=1),
+        Faults(rate_limited=-1, after_requests=1, retry_after=0),
+    ]
+    for faults in scenarios:
+        sim.clear_faults()
+        sim.inject(faults)
+        with pytest.raises(Exception) as raised:
+            list(client.aggregate_pages("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 3, 31)))
+        seen += [str(raised.value), repr(raised.value), str(raised.value.__cause__)]
+        seen += [str(raised.value.__context__)]
+    wrong = PolygonClient("pk_live_WRONG_KEY_0001", server.url, retry=FAST_RETRY)
+    with pytest.raises(PolygonAuthError) as refused:
+        wrong.aggregates("AAPL", 1, "day", date(2024, 1, 1), date(2024, 1, 2))
+    seen += [str(refused.value), repr(wrong)]
+
+    everything = "\n".join(seen + caplog.messages + [r.getMessage() for r in caplog.records])
+    everything += "\n".join(sim.requests)
+    assert caplog.records, "the scenarios logged retries"
+    assert KEY not in everything
+    assert "pk_live_WRONG_KEY_0001" not in everything
+    assert "apiKey" not in "\n".join(sim.requests)
+
+
+# -- rate limit --------------------------------------------------------------------------
+
+
+def test_rate_limiter_allows_at_most_n_per_minute_across_threads() -> None:
+    clock = [0.0]
+    lock = threading.Lock()
+    stamps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        with lock:
+            clock[0] += seconds
+
+    limiter = RateLimiter(5, clock=lambda: clock[0], sleep=sleep)
+
+    def worker() -> None:
+        for _ in range(4):
+            limiter.acquire()
+            with lock:
+                stamps.append(clock[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stamps.sort()
+    assert len(stamps) == 20
+    for i in range(len(stamps) - 5):
+        assert stamps[i + 5] - stamps[i] >= 60.0 - 1e-9
+
+
+def test_client_honours_the_per_process_limit(sim: Simulator) -> None:
+    client = PolygonClient(
+        KEY, "http://polygon.test", transport=sim.transport(), max_requests_per_minute=2
+    )
+    client.aggregates("AAPL", 1, "day", date(2024, 1, 2), date(2024, 1, 2))
+    client.aggregates("AAPL", 1, "day", date(2024, 1, 3), date(2024, 1, 3))
+    waiter = threading.Thread(
+        target=client.aggregates,
+        args=("AAPL", 1, "day", date(2024, 1, 4), date(2024, 1, 4)),
+        daemon=True,
+    )
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive(), "a third request within the minute must wait"
+    assert len(sim.requests) == 2
