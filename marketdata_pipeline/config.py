@@ -72,3 +72,8 @@ DEFAULT_SYMBOLS: tuple[SeedSymbol, ...] = (
     *(SeedSymbol(s, "etf") for s in ("SPY", "QQQ")),
     *(SeedSymbol(s, "crypto") for s in ("BTC", "ETH", "SOL")),
 )
+
+
+def simulated() -> bool:
+    """True when bars come from the offline simulator (set by `marketdata ui` without a key)."""
+    return os.environ.get("MARKETDATA_SIMULATED", "") == "1"

@@ -5,9 +5,21 @@ import os
 import dagster as dg
 
 from marketdata_pipeline import config
+from marketdata_pipeline.assets import bars_assets
 from marketdata_pipeline.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.schedules import (
+    crypto_bars_daily,
+    crypto_bars_refresh,
+    stock_bars_after_close,
+    stock_bars_refresh,
+)
+from marketdata_pipeline.sensors import symbol_registry_sensor
 
 defs = dg.Definitions(
+    assets=bars_assets,
+    jobs=[stock_bars_refresh, crypto_bars_refresh],
+    schedules=[stock_bars_after_close, crypto_bars_daily],
+    sensors=[symbol_registry_sensor],
     resources={
         "warehouse": WarehouseResource(),
         "polygon": PolygonResource(
@@ -15,6 +27,7 @@ defs = dg.Definitions(
             api_key=dg.EnvVar("POLYGON_API_KEY") if os.environ.get("POLYGON_API_KEY") else None,
             base_url=config.polygon_base_url(),
             max_requests_per_minute=config.max_requests_per_minute(),
+            simulated=config.simulated(),
         ),
     },
 )

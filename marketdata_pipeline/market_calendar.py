@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from zoneinfo import ZoneInfo
 
 import exchange_calendars
 import pandas as pd
@@ -33,3 +34,22 @@ def every_day(first: date, last: date) -> list[date]:
 def sessions(asset_class: str, first: date, last: date) -> list[date]:
     """The days that should have a daily bar for this asset class."""
     return every_day(first, last) if asset_class == "crypto" else nyse_sessions(first, last)
+
+
+EXTENDED_CLOSE = time(20, 0)  # minute bars run until 20:00 New York
+
+
+def last_complete_session(asset_class: str, now: datetime) -> date:
+    """The latest day whose bars are all published: for stocks the last NYSE session whose
+    extended hours have ended, for crypto the last full UTC day."""
+    if asset_class == "crypto":
+        return now.astimezone(UTC).date() - timedelta(days=1)
+    local = now.astimezone(ZoneInfo(NEW_YORK))
+    candidates = nyse_sessions(local.date() - timedelta(days=14), local.date())
+    complete = [d for d in candidates if d < local.date() or local.time() >= EXTENDED_CLOSE]
+    return complete[-1]
+
+
+def is_first_of_month(asset_class: str, day: date) -> bool:
+    """Whether `day` is the first session (stocks) or day (crypto) of its month."""
+    return sessions(asset_class, day.replace(day=1), day)[0] == day

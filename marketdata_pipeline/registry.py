@@ -22,3 +22,12 @@ def seed(conn: psycopg.Connection, symbols: Iterable[SeedSymbol]) -> list[str]:
         if row:
             added.append(row[0])
     return added
+
+
+def active_symbols(conn: psycopg.Connection, asset_classes: Iterable[str]) -> list[str]:
+    """Active symbols of the given classes, sorted."""
+    rows = conn.execute(
+        "SELECT symbol FROM tracked_symbols WHERE active AND asset_class = ANY(%s) ORDER BY symbol",
+        (list(asset_classes),),
+    ).fetchall()
+    return [row[0] for row in rows]

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from marketdata_pipeline import db, embedded
 from marketdata_pipeline.config import POLYGON_OFFICIAL_BASE_URL
-from marketdata_pipeline.polygon import PolygonClient
+from marketdata_pipeline.polygon import PolygonClient, RetryPolicy
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -40,10 +40,25 @@ class PolygonResource(dg.ConfigurableResource):
     max_requests_per_minute: int | None = Field(
         default=None, description="Client-side limit per process (5 on the free plan)."
     )
+    retry_attempts: int = Field(default=6, description="Attempts per request (429, 5xx).")
+    retry_max_seconds: float = Field(
+        default=120.0, description="Give up on a request after this long, retries included."
+    )
+    simulated: bool = Field(
+        default=False, description="True when base_url is the offline simulator (synthetic bars)."
+    )
+
+    def source_label(self) -> str:
+        if self.simulated:
+            return f"Polygon simulator at {self.base_url} (synthetic bars)"
+        return f"Polygon at {self.base_url}"
 
     def client(self) -> PolygonClient:
         return PolygonClient(
             self.api_key,
             self.base_url,
             max_requests_per_minute=self.max_requests_per_minute,
+            retry=RetryPolicy(
+                max_attempts=self.retry_attempts, max_total_seconds=self.retry_max_seconds
+            ),
         )

@@ -1,0 +1,37 @@
+"""A separate process that loads windows, for the SIGKILL and concurrency tests.
+
+python tests/load_child.py DATABASE_URL SYMBOL FIRST_MONTH LAST_MONTH [SPLIT_RATIO]
+"""
+
+import sys
+from datetime import date
+
+from marketdata_pipeline import db
+from marketdata_pipeline.ingest import contiguous_runs, next_month
+from marketdata_pipeline.ingest import ingest as run_ingest
+from marketdata_pipeline.polygon import PolygonClient
+from marketdata_pipeline.simulator import Simulator
+
+SPLIT_DAY = date(2023, 6, 15)
+
+
+def main() -> None:
+    url, symbol, first, last = sys.argv[1:5]
+    sim = Simulator()
+    if len(sys.argv) > 5:
+        sim.split(symbol, SPLIT_DAY, float(sys.argv[5]))
+    months, month = [], date.fromisoformat(first)
+    while month <= date.fromisoformat(last):
+        months.append(month)
+        month = next_month(month)
+    assert contiguous_runs(months) == [months]
+    client = PolygonClient(None, "http://simulator", transport=sim.transport())
+    with db.connection(url) as conn:
+        for outcome in run_ingest(
+            client, conn, asset_class="stock", timeframe="minute", symbol=symbol, months=months
+        ):
+            print(f"loaded {outcome.window.month} {outcome.load.rows_loaded}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""The bars assets end to end: real PostgreSQL, the simulator on a loopback socket, Dagster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import date
+
+import dagster as dg
+import polars as pl
+import psycopg
+import pytest
+
+from marketdata_pipeline import db, migrations
+from marketdata_pipeline.assets import bars_assets
+from marketdata_pipeline.ingest import next_month, window
+from marketdata_pipeline.polygon import BAR_SCHEMA
+from marketdata_pipeline.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.warehouse import WINDOW_LOCK_CLASS, read_bars
+from tests.conftest import PROJECT_DIR
+
+ASSETS = {a.key.path[-1]: a for a in bars_assets}
+SPLIT_DAY = date(2023, 6, 15)
+
+
+@pytest.fixture
+def warehouse_url(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    with db.connection(database_url) as conn:
+        migrations.migrate(conn)
+    return database_url
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator()
+
+
+@pytest.fixture
+def server(sim: Simulator) -> Iterator[SimulatorHTTPServer]:
+    running = serve(sim)
+    yield running
+    running.shutdown()
+    running.server_close()
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        test_instance.add_dynamic_partitions("stock_symbols", ["AAPL", "MSFT", "SPY"])
+        test_instance.add_dynamic_partitions("crypto_symbols", ["BTC"])
+        yield test_instance
+
+
+def materialize(
+    instance: dg.DagsterInstance,
+    server: SimulatorHTTPServer,
+    asset: str,
+    *,
+    key: str | None = None,
+    first: str | None = None,
+    last: str | None = None,
+) -> dg.ExecuteInProcessResult:
+    tags = {}
+    if first:
+        tags = {
+            "dagster/asset_partition_range_start": first,
+            "dagster/asset_partition_range_end": last,
+        }
+    return dg.materialize(
+        [ASSETS[asset]],
+        instance=instance,
+        partition_key=key,
+        tags=tags,
+        resources={
+            "warehouse": WarehouseResource(),
+            "polygon": PolygonResource(
+                base_url=server.url, retry_attempts=2, retry_max_seconds=5, simulated=True
+            ),
+        },
+        raise_on_error=False,
+    )
+
+
+def expected(sim: Simulator, asset_class: str, timeframe: str, symbol: str, months: list[date]):
+    """The simulator's bars for these months, as the warehouse should hold them."""
+    ticker = f"X:{symbol}USD" if asset_class == "crypto" else symbol
+    span = "day" if timeframe == "daily" else "minute"
+    first, last = months[0], next_month(months[-1])
+    bars = sim.expected_bars(ticker, span, first, last)
+    frame = pl.DataFrame(
+        {
+            "ts": pl.Series(bars["t"]).cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"),
+            "open": bars["o"],
+            "high": bars["h"],
+            "low": bars["l"],
+            "close": bars["c"],
+            "volume": bars["v"],
+            "vwap": bars["vw"],
+            "trades": bars["n"],
+        },
+        schema=BAR_SCHEMA,
+    )
+    start = window(asset_class, timeframe, symbol, months[0]).start
+    end = window(asset_class, timeframe, symbol, months[-1]).end
+    return frame.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+
+
+def stored(url: str, asset_class: str, timeframe: str, symbol: str, months: list[date]):
+    start = window(asset_class, timeframe, symbol, months[0]).start
+    end = window(asset_class, timeframe, symbol, months[-1]).end
+    with db.connection(url) as conn:
+        return read_bars(conn, "day" if timeframe == "daily" else "minute", symbol, start, end)
+
+
+def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
+    return {
+        event.partition: event.event_specific_data.materialization.metadata
+        for event in result.get_asset_materialization_events()
+    }
+
+
+def check(result: dg.ExecuteInProcessResult, name: str):
+    for event in result.get_asset_check_evaluations():
+        if event.check_name == name:
+            return event
+    raise AssertionError(f"no {name} check result")
+
+
+def months_of(year: int) -> list[date]:
+    return [date(year, m, 1) for m in range(1, 13)]
+
+
+def test_one_partition_equals_the_simulators_bars(warehouse_url, sim, server, instance) -> None:
+    result = materialize(instance, server, "stock_minute_bars", key="2024-03-01|AAPL")
+    assert result.success
+    want = expected(sim, "stock", "minute", "AAPL", [date(2024, 3, 1)])
+    got = stored(warehouse_url, "stock", "minute", "AAPL", [date(2024, 3, 1)])
+    assert got.height == want.height > 15_000
+    assert got.equals(want)
+    metadata = materializations(result)["2024-03-01|AAPL"]
+    assert metadata["rows_loaded"].value == want.height
+    assert metadata["rows_rejected"].value == 0
+    assert metadata["validation_rate"].value == 1.0
+    assert metadata["pages"].value == 1
+    assert "simulator" in metadata["source"].value
+    assert metadata["polygon_base_url"].value == server.url
+    assert metadata["first_bar"].value == want["ts"][0].timestamp()
+    assert "| ts | open |" in metadata["preview"].value
+    assert check(result, "rejection_rate").passed
+    coverage = check(result, "minute_coverage")
+    assert coverage.passed and 0.97 < coverage.metadata["coverage"].value < 1.0
+
+
+def test_daily_stock_and_crypto_partitions(warehouse_url, sim, server, instance) -> None:
+    stock = materialize(instance, server, "stock_daily_bars", key="2024-11-01|SPY")
+    crypto = materialize(instance, server, "crypto_daily_bars", key="2024-02-01|BTC")
+    assert stock.success and crypto.success
+    spy = stored(warehouse_url, "stock", "daily", "SPY", [date(2024, 11, 1)])
+    assert spy.height == 20  # November 2024: 21 weekdays less Thanksgiving
+    assert spy.equals(expected(sim, "stock", "daily", "SPY", [date(2024, 11, 1)]))
+    btc = stored(warehouse_url, "crypto", "daily", "BTC", [date(2024, 2, 1)])
+    assert btc.height == 29  # leap year, every day
+    assert check(stock, "missing_sessions").passed
+    assert check(crypto, "missing_days").passed
+
+
+def test_ranged_run_of_twelve_months_then_rerun_is_identical(
+    warehouse_url, sim, server, instance
+) -> None:
+    months = months_of(2023)
+    first = materialize(
+        instance, server, "stock_minute_bars", first="2023-01-01|MSFT", last="2023-12-01|MSFT"
+    )
+    assert first.success
+    assert sorted(materializations(first)) == [f"{m}|MSFT" for m in months]
+    want = expected(sim, "stock", "minute", "MSFT", months)
+    assert want.height > 230_000
+    assert stored(warehouse_url, "stock", "minute", "MSFT", months).equals(want)
+    pages = sum(m["pages"].value for m in materializations(first).values())
+    assert pages >= 5, "one request stream for the range, paged"
+
+    again = materialize(
+        instance, server, "stock_minute_bars", first="2023-01-01|MSFT", last="2023-12-01|MSFT"
+    )
+    assert again.success
+    assert stored(warehouse_url, "stock", "minute", "MSFT", months).equals(want)
+    assert all(
+        m["rows_replaced"].value == m["rows_loaded"].value for m in materializations(again).values()
+    )
+
+
+def test_revised_history_is_replaced_exactly(warehouse_url, sim, server, instance) -> None:
+    months = [date(2023, 5, 1), date(2023, 6, 1)]
+    assert materialize(
+        instance, server, "stock_minute_bars", first="2023-05-01|AAPL", last="2023-06-01|AAPL"
+    ).success
+    before = stored(warehouse_url, "stock", "minute", "AAPL", months)
+    sim.split("AAPL", SPLIT_DAY, 4.0)
+    assert materialize(
+        instance, server, "stock_minute_bars", first="2023-05-01|AAPL", last="2023-06-01|AAPL"
+    ).success
+    after = stored(warehouse_url, "stock", "minute", "AAPL", months)
+    assert after.equals(expected(sim, "stock", "minute", "AAPL", months))
+    assert not after.equals(before)
+    assert after.height == before.height
+
+
+def test_bad_bars_are_quarantined_with_reasons_and_fail_the_check(
+    warehouse_url, sim, server, instance
+) -> None:
+    sim.inject(Faults(bad_ohlc_every=20, repeat_timestamp_every=500), "AAPL")
+    result = materialize(instance, server, "stock_minute_bars", key="2024-02-01|AAPL")
+    assert result.success
+    metadata = materializations(result)["2024-02-01|AAPL"]
+    rejected = metadata["rows_rejected"].value
+    assert rejected > 0
+    with psycopg.connect(warehouse_url) as conn:
+        rows = conn.execute(
+            "SELECT reasons, high, low FROM bars_rejected "
+            "WHERE symbol = 'AAPL' AND month = '2024-02-01'"
+        ).fetchall()
+        dupes = conn.execute(
+            "SELECT count(*) FROM bars_minute GROUP BY symbol, ts HAVING count(*) > 1"
+        ).fetchall()
+    assert len(rows) == rejected
+    assert any("high below low" in reasons for reasons, _, _ in rows)
+    assert any(reasons == ["repeated timestamp"] for reasons, _, _ in rows)
+    assert all(high < low for reasons, high, low in rows if "high below low" in reasons)
+    assert dupes == []
+    served = expected(sim, "stock", "minute", "AAPL", [date(2024, 2, 1)]).height
+    assert metadata["rows_loaded"].value + rejected == served, "nothing dropped silently"
+    rate = check(result, "rejection_rate")
+    assert not rate.passed and rate.severity == dg.AssetCheckSeverity.ERROR
+    assert rate.metadata["worst_rate"].value > 0.01
+
+    sim.clear_faults()
+    clean = materialize(instance, server, "stock_minute_bars", key="2024-02-01|AAPL")
+    assert check(clean, "rejection_rate").passed
+    with psycopg.connect(warehouse_url) as conn:
+        left = conn.execute("SELECT count(*) FROM bars_rejected WHERE symbol = 'AAPL'").fetchone()
+    assert left == (0,), "reloading a window replaces its quarantine too"
+
+
+def test_not_authorized_fails_clearly_and_leaves_the_warehouse_untouched(
+    warehouse_url, sim, server, instance
+) -> None:
+    assert materialize(instance, server, "stock_daily_bars", key="2024-01-01|AAPL").success
+    before = stored(warehouse_url, "stock", "daily", "AAPL", [date(2024, 1, 1)])
+    sim.split("AAPL", date(2024, 1, 15), 2.0)  # a reload would change the bars
+    sim.inject(Faults(not_authorized=True), "AAPL")
+    result = materialize(instance, server, "stock_daily_bars", key="2024-01-01|AAPL")
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error_display_string
+    assert "AAPL" in message and "not entitled" in message
+    assert stored(warehouse_url, "stock", "daily", "AAPL", [date(2024, 1, 1)]).equals(before)
+
+
+def test_persistent_5xx_fails_and_leaves_the_warehouse_untouched(
+    warehouse_url, sim, server, instance
+) -> None:
+    assert materialize(instance, server, "crypto_daily_bars", key="2024-01-01|BTC").success
+    before = stored(warehouse_url, "crypto", "daily", "BTC", [date(2024, 1, 1)])
+    sim.inject(Faults(server_errors=-1))
+    result = materialize(instance, server, "crypto_daily_bars", key="2024-01-01|BTC")
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "kept failing" in failure.event_specific_data.error_display_string
+    assert stored(warehouse_url, "crypto", "daily", "BTC", [date(2024, 1, 1)]).equals(before)
+
+
+# -- crash safety and concurrency, with real processes ------------------------------------
+
+
+def child(url: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "tests/load_child.py", url, *args],
+        cwd=PROJECT_DIR,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def waiting_on_locks(conn: psycopg.Connection) -> int:
+    """Sessions of this database waiting for a lock (pg_locks is live, even in a transaction)."""
+    row = conn.execute(
+        "SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+    ).fetchone()
+    return row[0] if row else 0
+
+
+def locks_held_on(conn: psycopg.Connection, table: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT mode FROM pg_locks WHERE relation = %s::regclass AND granted "
+        "AND pid <> pg_backend_pid()",
+        (table,),
+    ).fetchall()
+    return [mode for (mode,) in rows]
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigkill_in_the_middle_of_a_load_leaves_the_previous_bars(warehouse_url) -> None:
+    months = [date(2023, 6, 1)]
+    first = child(warehouse_url, "AAPL", "2023-06-01", "2023-06-01")
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    before = stored(warehouse_url, "stock", "minute", "AAPL", months)
+    assert before.height > 15_000
+
+    with db.connection(warehouse_url, autocommit=True) as holder:
+        # Block the reload after it has deleted and re-inserted the window's bars, on its way
+        # to replace the window's quarantine: the middle of the load's transaction.
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE bars_rejected IN EXCLUSIVE MODE")
+        revised = child(warehouse_url, "AAPL", "2023-06-01", "2023-06-01", "4")
+        wait_until(lambda: waiting_on_locks(holder) >= 1)
+        # It has written the window (holds bars_minute) and waits for the quarantine.
+        assert "RowExclusiveLock" in locks_held_on(holder, "bars_minute")
+        revised.send_signal(signal.SIGKILL)
+        assert revised.wait(timeout=30) == -signal.SIGKILL
+        holder.execute("ROLLBACK")
+    assert stored(warehouse_url, "stock", "minute", "AAPL", months).equals(before)
+
+    rerun = child(warehouse_url, "AAPL", "2023-06-01", "2023-06-01", "4")
+    assert rerun.wait(timeout=120) == 0, rerun.stderr.read()
+    after = stored(warehouse_url, "stock", "minute", "AAPL", months)
+    assert after.height == before.height and not after.equals(before)
+    assert after["close"][0] == pytest.approx(before["close"][0] / 4, abs=1e-4)
+
+
+def test_two_processes_loading_the_same_window_serialize(warehouse_url) -> None:
+    months = [date(2023, 3, 1)]
+    with db.connection(warehouse_url, autocommit=True) as holder:
+        holder.execute(
+            "SELECT pg_advisory_lock(%s, hashtext(%s))",
+            (WINDOW_LOCK_CLASS, "minute|MSFT|2023-03-01"),
+        )
+        loaders = [child(warehouse_url, "MSFT", "2023-03-01", "2023-03-01") for _ in range(2)]
+        wait_until(lambda: waiting_on_locks(holder) >= 2)
+        holder.execute(
+            "SELECT pg_advisory_unlock(%s, hashtext(%s))",
+            (WINDOW_LOCK_CLASS, "minute|MSFT|2023-03-01"),
+        )
+        outputs = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in loaders]
+    assert [code for code, _, _ in outputs] == [0, 0], outputs
+    got = stored(warehouse_url, "stock", "minute", "MSFT", months)
+    assert got.equals(expected(Simulator(), "stock", "minute", "MSFT", months))
+    with psycopg.connect(warehouse_url) as conn:
+        assert conn.execute(
+            "SELECT count(*) - count(DISTINCT ts) FROM bars_minute WHERE symbol = 'MSFT'"
+        ).fetchone() == (0,)
