@@ -1,6 +1,7 @@
 """The bars assets, from one factory: stock/crypto x daily/minute, partitioned month x symbol."""
 
 import collections
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -14,6 +15,9 @@ from marketdata_pipeline.partitions import bars_partitions
 from marketdata_pipeline.polygon import PolygonError
 from marketdata_pipeline.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.warehouse import BAR_TABLES
+
+# backfill_policy is marked beta; it is what turns a backfill into one run per symbol.
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 
 OWNERS = ["team:market-data"]
 GROUP = "market_data"

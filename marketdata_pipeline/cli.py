@@ -163,34 +163,67 @@ def simulator(host: str, port: int, faults: tuple[str, ...]) -> None:
         server.shutdown()
 
 
+def _psycopg2_driver(url: str) -> str:
+    """SQLAlchemy 2.1 picks psycopg 3 for a plain postgresql:// URL, and the Dagster webserver
+    then fails every storage query with "the connection is closed"; dagster-postgres is built
+    on psycopg2, so name that driver."""
+    scheme, _, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") else url
+
+
 def _with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+DEMO_DATABASE = "marketdata_demo"
+
+
 @cli.command("ui")
 @click.option("--port", default=3000, show_default=True, help="Port of the Dagster web UI.")
 def ui(port: int) -> None:
-    """Bootstrap the warehouse and run the Dagster UI and daemon on 127.0.0.1."""
+    """Bootstrap the warehouse and run the Dagster UI and daemon on 127.0.0.1.
+
+    Without POLYGON_API_KEY (and POLYGON_BASE_URL) this is the offline demo: bars come from
+    the built-in simulator and go to their own embedded database, `marketdata_demo`.
+    """
+    env = dict(os.environ)
+    simulated = not os.environ.get("POLYGON_API_KEY") and not os.environ.get("POLYGON_BASE_URL")
+    if simulated and config.database_url():
+        raise ConfigError(
+            "POLYGON_API_KEY is not set: the offline demo writes synthetic bars only to its "
+            "own embedded database; unset DATABASE_URL or set POLYGON_API_KEY"
+        )
     started_embedded = not config.database_url() and not embedded.is_running()
-    url = embedded.warehouse_url()
+    url = embedded.warehouse_url(DEMO_DATABASE if simulated else "marketdata")
     with db.connection(url) as conn:
         _print_bootstrap(bootstrap_mod.bootstrap(conn))
 
-    dagster_url = os.environ.get("DAGSTER_PG_URL")
+    dagster_url = env.get("DAGSTER_PG_URL")
     if not dagster_url:
-        embedded.ensure_database(url, "dagster")
-        dagster_url = _with_database(url, "dagster")
-    dagster_home = config.marketdata_home() / "dagster"
+        dagster_db = "dagster_demo" if simulated else "dagster"
+        embedded.ensure_database(url, dagster_db)
+        dagster_url = _with_database(url, dagster_db)
+    dagster_url = _psycopg2_driver(dagster_url)
+    dagster_home = config.marketdata_home() / ("dagster_demo" if simulated else "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")
+    env |= {"DATABASE_URL": url, "DAGSTER_PG_URL": dagster_url, "DAGSTER_HOME": str(dagster_home)}
 
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "DAGSTER_PG_URL": dagster_url,
-        "DAGSTER_HOME": str(dagster_home),
-    }
+    server = None
+    if simulated:
+        from marketdata_pipeline.simulator import Simulator, serve
+
+        server = serve(Simulator(cache_pages=32))
+        env |= {"POLYGON_BASE_URL": server.url, "MARKETDATA_SIMULATED": "1"}
+        click.echo(
+            f"OFFLINE DEMO: no POLYGON_API_KEY, so bars come from the Polygon simulator at "
+            f"{server.url} (synthetic data) into the embedded database {DEMO_DATABASE}"
+        )
+    added = _register_symbol_partitions(env)
+    if added:
+        click.echo(f"registered symbol partitions: {added}")
+
     command = [
         sys.executable, "-m", "dagster", "dev",
         "-w", str(PROJECT_DIR / "workspace.yaml"),
@@ -202,9 +235,37 @@ def ui(port: int) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        if server:
+            server.shutdown()
         if started_embedded:
             embedded.stop()
             click.echo("embedded PostgreSQL stopped")
+
+
+def _register_symbol_partitions(env: dict[str, str]) -> dict[str, list[str]]:
+    """Add the registry's active symbols as partitions now, so a backfill can be launched as
+    soon as the UI is up (the registry sensor keeps them in step afterwards)."""
+    import dagster as dg
+
+    from marketdata_pipeline import registry
+    from marketdata_pipeline.partitions import SYMBOL_DIMENSIONS
+    from marketdata_pipeline.sensors import partition_changes
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        with dg.DagsterInstance.get() as instance, db.connection(env["DATABASE_URL"]) as conn:
+            active = {
+                dimension: registry.active_symbols(conn, classes)
+                for dimension, classes in SYMBOL_DIMENSIONS.items()
+            }
+            adds, _, added = partition_changes(instance, active)
+            for request in adds:
+                instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+        return added
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,11 +62,10 @@ def ensure_database(admin_url: str, name: str) -> None:
             log.info("created database %s", name)
 
 
-def warehouse_url() -> str:
-    """DATABASE_URL when set, else the embedded server's `marketdata` database."""
+def warehouse_url(database: str = "marketdata") -> str:
+    """DATABASE_URL when set, else `database` on the embedded server (created if missing)."""
     url = config.database_url()
     if url:
         return url
-    admin = start()
-    ensure_database(admin, "marketdata")
-    return start(database="marketdata")
+    ensure_database(start(), database)
+    return start(database=database)
