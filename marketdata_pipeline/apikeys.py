@@ -29,6 +29,13 @@ def is_well_formed(raw_key: str) -> bool:
     return bool(_RAW_KEY.fullmatch(raw_key))
 
 
+_SELECT = (
+    "SELECT id, name, active, created_at, last_used, last_used_endpoint, request_count "
+    "FROM api_keys"
+)
+_RETURNING = "RETURNING id, name, active, created_at, last_used, last_used_endpoint, request_count"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     id: int
@@ -51,8 +58,7 @@ def create(conn: psycopg.Connection, name: str) -> tuple[ApiKey, str]:
     """Store a new key; returns its record and the raw key, which is never stored or shown again."""
     raw = generate_key()
     row = conn.execute(
-        "INSERT INTO api_keys (key_hash, name) VALUES (%s, %s) "
-        "RETURNING id, name, active, created_at, last_used, last_used_endpoint, request_count",
+        "INSERT INTO api_keys (key_hash, name) VALUES (%s, %s) " + _RETURNING,
         (hash_key(raw), _check_name(name)),
     ).fetchone()
     assert row is not None
@@ -60,20 +66,103 @@ def create(conn: psycopg.Connection, name: str) -> tuple[ApiKey, str]:
 
 
 def find_by_name(conn: psycopg.Connection, name: str) -> ApiKey | None:
-    row = conn.execute(
-        "SELECT id, name, active, created_at, last_used, last_used_endpoint, request_count "
-        "FROM api_keys WHERE name = %s ORDER BY id LIMIT 1",
-        (name,),
-    ).fetchone()
+    row = conn.execute(f"{_SELECT} WHERE name = %s ORDER BY id LIMIT 1", (name,)).fetchone()
     return ApiKey(*row) if row else None
 
 
 def get(conn: psycopg.Connection, key_id: int) -> ApiKey:
+    row = conn.execute(f"{_SELECT} WHERE id = %s", (key_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no API key with id {key_id}")
+    return ApiKey(*row)
+
+
+def list_keys(conn: psycopg.Connection, *, include_revoked: bool = True) -> list[ApiKey]:
+    """Every key's record; the hash is never returned."""
+    rows = conn.execute(f"{_SELECT} WHERE active OR %s ORDER BY id", (include_revoked,)).fetchall()
+    return [ApiKey(*row) for row in rows]
+
+
+def _set_active(conn: psycopg.Connection, key_id: int, active: bool) -> ApiKey:
     row = conn.execute(
-        "SELECT id, name, active, created_at, last_used, last_used_endpoint, request_count "
-        "FROM api_keys WHERE id = %s",
-        (key_id,),
+        "UPDATE api_keys SET active = %s WHERE id = %s " + _RETURNING,
+        (active, key_id),
     ).fetchone()
     if row is None:
         raise NotFound(f"no API key with id {key_id}")
     return ApiKey(*row)
+
+
+def revoke(conn: psycopg.Connection, key_id: int) -> ApiKey:
+    return _set_active(conn, key_id, False)
+
+
+def restore(conn: psycopg.Connection, key_id: int) -> ApiKey:
+    return _set_active(conn, key_id, True)
+
+
+def delete(conn: psycopg.Connection, key_id: int) -> None:
+    """Delete a key for good; its audit rows stay, detached from it."""
+    if not conn.execute("DELETE FROM api_keys WHERE id = %s", (key_id,)).rowcount:
+        raise NotFound(f"no API key with id {key_id}")
+
+
+class KeyRejected(Exception):
+    """validate() refused a key: malformed, unknown (or deleted), or revoked."""
+
+
+def validate(
+    conn: psycopg.Connection, raw_key: str, endpoint: str, method: str, status_code: int
+) -> ApiKey:
+    """Check a presented key and record its use: last_used, endpoint, count, an audit row.
+
+    A refused key raises KeyRejected; a revoked key's refusal is audited against it.
+    """
+    if not is_well_formed(raw_key):
+        raise KeyRejected("malformed API key")
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT id, active FROM api_keys WHERE key_hash = %s FOR UPDATE",
+            (hash_key(raw_key),),
+        ).fetchone()
+        if row is None:
+            raise KeyRejected("unknown API key")
+        key_id, active = row
+        conn.execute(
+            "INSERT INTO api_key_audit (key_id, endpoint, method, status_code) "
+            "VALUES (%s, %s, %s, %s)",
+            (key_id, endpoint, method.upper(), status_code if active else 401),
+        )
+        if not active:
+            raise KeyRejected("revoked API key")
+        record = conn.execute(
+            "UPDATE api_keys SET last_used = now(), last_used_endpoint = %s, "
+            "request_count = request_count + 1 WHERE id = %s " + _RETURNING,
+            (endpoint, key_id),
+        ).fetchone()
+    assert record is not None
+    return ApiKey(*record)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    key_id: int | None
+    endpoint: str
+    method: str
+    status_code: int
+    timestamp: datetime
+
+
+def audit(
+    conn: psycopg.Connection, *, key_id: int | None = None, limit: int = 50, offset: int = 0
+) -> list[AuditEntry]:
+    """The audit log, newest first."""
+    if limit < 1 or offset < 0:
+        raise ConfigError("limit must be positive and offset not negative")
+    rows = conn.execute(
+        'SELECT id, key_id, endpoint, method, status_code, "timestamp" FROM api_key_audit '
+        "WHERE %s::bigint IS NULL OR key_id = %s ORDER BY id DESC LIMIT %s OFFSET %s",
+        (key_id, key_id, limit, offset),
+    ).fetchall()
+    return [AuditEntry(*row) for row in rows]

@@ -5,6 +5,7 @@ import os
 import dagster as dg
 
 from marketdata_pipeline import config
+from marketdata_pipeline.admin_jobs import admin_jobs
 from marketdata_pipeline.assets import bars_assets
 from marketdata_pipeline.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.schedules import (
@@ -13,13 +14,13 @@ from marketdata_pipeline.schedules import (
     stock_bars_after_close,
     stock_bars_refresh,
 )
-from marketdata_pipeline.sensors import symbol_registry_sensor
+from marketdata_pipeline.sensors import backfill_status_sensor, symbol_registry_sensor
 
 defs = dg.Definitions(
     assets=bars_assets,
-    jobs=[stock_bars_refresh, crypto_bars_refresh],
+    jobs=[stock_bars_refresh, crypto_bars_refresh, *admin_jobs],
     schedules=[stock_bars_after_close, crypto_bars_daily],
-    sensors=[symbol_registry_sensor],
+    sensors=[symbol_registry_sensor, backfill_status_sensor],
     resources={
         "warehouse": WarehouseResource(),
         "polygon": PolygonResource(

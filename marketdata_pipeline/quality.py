@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
 
 import polars as pl
 
@@ -24,9 +25,12 @@ def expected_days(asset_class: str, first: date, last: date, today: date) -> lis
     return [d for d in sessions(asset_class, first, min(last, today)) if d < today]
 
 
+def zone(asset_class: str) -> ZoneInfo:
+    return ZoneInfo("UTC" if asset_class == "crypto" else NEW_YORK)
+
+
 def bar_days(asset_class: str, ts: pl.Series) -> set[date]:
-    zone = "UTC" if asset_class == "crypto" else NEW_YORK
-    return set(ts.dt.convert_time_zone(zone).dt.date().unique().to_list())
+    return set(ts.dt.convert_time_zone(zone(asset_class).key).dt.date().unique().to_list())
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Sensors: the symbol registry drives the dynamic partitions."""
+"""Sensors: the registry drives the symbol partitions; bars runs drive backfill state."""
+
+from datetime import UTC, date, datetime
 
 import dagster as dg
 
-from marketdata_pipeline import config, registry
+from marketdata_pipeline import backfill_state, config, registry
 from marketdata_pipeline.assets import ALL_BARS_ASSETS
-from marketdata_pipeline.partitions import SYMBOL_DIMENSIONS, months
+from marketdata_pipeline.partitions import SYMBOL_DIMENSIONS, bars_partitions, months
 from marketdata_pipeline.resources import WarehouseResource
 from marketdata_pipeline.schedules import crypto_bars_refresh, stock_bars_refresh
 
@@ -78,3 +80,158 @@ def symbol_registry_sensor(
         dynamic_partitions_requests=[*adds, *deletes],
         skip_reason=None if adds or deletes else "partitions already match the registry",
     )
+
+
+BARS_ASSET_CLASSES = {spec.name: spec.asset_class for spec in ALL_BARS_ASSETS}
+JOB_ASSETS = {
+    f"{asset_class}_bars_refresh": [s.name for s in ALL_BARS_ASSETS if s.asset_class == asset_class]
+    for asset_class in ("stock", "crypto")
+}
+RUN_EVENTS = (
+    dg.DagsterEventType.RUN_START,
+    dg.DagsterEventType.RUN_SUCCESS,
+    dg.DagsterEventType.RUN_FAILURE,
+)
+EVENTS_PER_TICK = 200
+
+
+def run_partitions(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dict[str, list[str]]:
+    """Bars asset -> the partition keys the run targets (single key or a range); {} if none."""
+    selected = [key.to_user_string() for key in run.asset_selection or ()]
+    assets = [a for a in selected or JOB_ASSETS.get(run.job_name, []) if a in BARS_ASSET_CLASSES]
+    if not assets:
+        return {}
+    tags = run.tags
+    if "dagster/partition" in tags:
+        return {asset: [tags["dagster/partition"]] for asset in assets}
+    start = tags.get("dagster/asset_partition_range_start")
+    end = tags.get("dagster/asset_partition_range_end")
+    if not (start and end):
+        return {}
+    return {
+        asset: bars_partitions(BARS_ASSET_CLASSES[asset]).get_partition_keys_in_range(
+            dg.PartitionKeyRange(start, end), dynamic_partitions_store=instance
+        )
+        for asset in assets
+    }
+
+
+def window_states(
+    instance: dg.DagsterInstance, event: dg.EventLogEntry
+) -> list[backfill_state.WindowState]:
+    run = instance.get_run_by_id(event.run_id)
+    if run is None:
+        return []
+    targets = run_partitions(instance, run)
+    if not targets:
+        return []
+    record = instance.get_run_record_by_id(run.run_id)
+    started = _utc(record.start_time if record and record.start_time else event.timestamp)
+    at = _utc(event.timestamp)
+    kind = event.dagster_event_type
+    loaded: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+    error = None
+    if kind != dg.DagsterEventType.RUN_START:
+        loaded = _loaded_windows(instance, run.run_id)
+    if kind == dg.DagsterEventType.RUN_FAILURE:
+        error = _failure_message(instance, run.run_id, event)
+    states = []
+    for asset, keys in targets.items():
+        for key in keys:
+            month, symbol = key.split("|")
+            rows = loaded.get((asset, key))
+            if kind == dg.DagsterEventType.RUN_START:
+                status, finished = "in_progress", None
+            else:
+                status, finished = ("completed" if rows else "failed"), at
+            states.append(
+                backfill_state.WindowState(
+                    asset=asset,
+                    symbol=symbol,
+                    month=date.fromisoformat(month),
+                    status=status,
+                    run_id=run.run_id,
+                    started_at=started,
+                    finished_at=finished,
+                    rows_loaded=rows[0] if rows else None,
+                    rows_rejected=rows[1] if rows else None,
+                    error=None if status != "failed" else error or "run failed",
+                )
+            )
+    return states
+
+
+def _loaded_windows(
+    instance: dg.DagsterInstance, run_id: str
+) -> dict[tuple[str, str], tuple[int | None, int | None]]:
+    loaded = {}
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    for record in records:
+        materialization = record.event_log_entry.asset_materialization
+        if materialization is None or materialization.partition is None:
+            continue
+        metadata = materialization.metadata
+        loaded[(materialization.asset_key.to_user_string(), materialization.partition)] = (
+            _int(metadata.get("rows_loaded")),
+            _int(metadata.get("rows_rejected")),
+        )
+    return loaded
+
+
+def _failure_message(instance: dg.DagsterInstance, run_id: str, event: dg.EventLogEntry) -> str:
+    steps = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    for record in steps:
+        data = record.event_log_entry.dagster_event.event_specific_data  # type: ignore[union-attr]
+        if data is not None and getattr(data, "error", None) is not None:
+            return data.error.message.strip().splitlines()[0][:500]
+    return (event.message or "run failed")[:500]
+
+
+def _int(value: object) -> int | None:
+    raw = getattr(value, "value", value)
+    return int(raw) if isinstance(raw, int | float) else None
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Writes backfill_state per (asset, symbol, month) on run STARTED, SUCCESS and "
+    "FAILURE of the bars runs, and rolls it up onto tracked_symbols (backfill_status, "
+    "last_backfill, backfill_error). Reads the event log from a persisted cursor, so runs "
+    "before its first tick or during a daemon restart are not lost.",
+)
+def backfill_status_sensor(
+    context: dg.SensorEvaluationContext, warehouse: WarehouseResource
+) -> dg.SkipReason | None:
+    after = int(context.cursor) if context.cursor else 0
+    events, safe_until = [], None
+    for kind in RUN_EVENTS:
+        records = context.instance.fetch_run_status_changes(
+            dg.RunStatusChangeRecordsFilter(event_type=kind, after_storage_id=after),
+            limit=EVENTS_PER_TICK,
+            ascending=True,
+        ).records
+        events += records
+        if len(records) == EVENTS_PER_TICK:  # more of this kind wait beyond its last id
+            last = records[-1].storage_id
+            safe_until = last if safe_until is None else min(safe_until, last)
+    if not events:
+        return dg.SkipReason("no new bars runs")
+    events.sort(key=lambda r: r.storage_id)
+    with warehouse.connection() as conn:
+        for record in events:
+            try:
+                states = window_states(context.instance, record.event_log_entry)
+                if states:
+                    backfill_state.record(conn, states)
+            except Exception as error:  # an odd run must never stop the sensor
+                context.log.warning(f"skipped run {record.event_log_entry.run_id}: {error!r}")
+    newest = events[-1].storage_id
+    context.update_cursor(str(newest if safe_until is None else min(newest, safe_until)))
+    return None

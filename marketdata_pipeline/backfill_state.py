@@ -1,0 +1,85 @@
+"""Per-window backfill state, and its rollup onto `tracked_symbols`.
+
+Writes are idempotent: recording the same run event twice leaves every row as it was, and an
+older event never overwrites what a newer run wrote for the same window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import psycopg
+
+
+@dataclass(frozen=True)
+class WindowState:
+    asset: str
+    symbol: str
+    month: date
+    status: str  # in_progress | completed | failed
+    run_id: str
+    started_at: datetime | None
+    finished_at: datetime | None = None
+    rows_loaded: int | None = None
+    rows_rejected: int | None = None
+    error: str | None = None
+
+
+# A state from run R is written unless the row already holds a later word on the window:
+# a finished state of R itself (a replayed STARTED), or a state of a run started after R.
+_UPSERT = """
+INSERT INTO backfill_state AS s (asset, symbol, month, status, run_id, started_at,
+    finished_at, rows_loaded, rows_rejected, error, updated_at)
+VALUES (%(asset)s, %(symbol)s, %(month)s, %(status)s, %(run_id)s, %(started_at)s,
+    %(finished_at)s, %(rows_loaded)s, %(rows_rejected)s, %(error)s, now())
+ON CONFLICT (asset, symbol, month) DO UPDATE SET
+    status = excluded.status, run_id = excluded.run_id, started_at = excluded.started_at,
+    finished_at = excluded.finished_at, rows_loaded = excluded.rows_loaded,
+    rows_rejected = excluded.rows_rejected, error = excluded.error, updated_at = now()
+WHERE (s.status, s.run_id, s.started_at, s.finished_at, s.rows_loaded, s.rows_rejected, s.error)
+      IS DISTINCT FROM (excluded.status, excluded.run_id, excluded.started_at,
+      excluded.finished_at, excluded.rows_loaded, excluded.rows_rejected, excluded.error)
+  AND NOT (s.run_id = excluded.run_id AND s.status <> 'in_progress'
+           AND excluded.status = 'in_progress')
+  AND NOT (s.run_id <> excluded.run_id AND s.started_at > excluded.started_at)
+"""
+
+_ROLLUP = """
+UPDATE tracked_symbols t SET
+    backfill_status = r.status, backfill_error = r.error, last_backfill = r.last_backfill
+FROM (
+    SELECT symbol,
+           CASE WHEN bool_or(status = 'in_progress') THEN 'in_progress'
+                WHEN bool_or(status = 'failed') THEN 'failed'
+                ELSE 'completed' END AS status,
+           (array_agg(error ORDER BY finished_at DESC NULLS LAST)
+                FILTER (WHERE status = 'failed'))[1] AS error,
+           max(finished_at) FILTER (WHERE status = 'completed') AS last_backfill
+    FROM backfill_state WHERE symbol = ANY(%s) GROUP BY symbol
+) r
+WHERE t.symbol = r.symbol
+  AND (t.backfill_status, t.backfill_error, t.last_backfill)
+      IS DISTINCT FROM (r.status, r.error, r.last_backfill)
+"""
+
+
+def record(conn: psycopg.Connection, states: Iterable[WindowState]) -> int:
+    """Write window states and roll them up onto their symbols; returns rows changed."""
+    states = list(states)
+    changed = 0
+    with conn.transaction():
+        for state in states:
+            changed += conn.execute(_UPSERT, state.__dict__).rowcount
+        changed += conn.execute(_ROLLUP, (sorted({s.symbol for s in states}),)).rowcount
+    return changed
+
+
+def windows(conn: psycopg.Connection, symbol: str) -> list[WindowState]:
+    rows = conn.execute(
+        "SELECT asset, symbol, month, status, run_id, started_at, finished_at, rows_loaded, "
+        "rows_rejected, error FROM backfill_state WHERE symbol = %s ORDER BY asset, month",
+        (symbol,),
+    ).fetchall()
+    return [WindowState(*row) for row in rows]
