@@ -134,13 +134,15 @@ def validate(
             (key_id, endpoint, method.upper(), status_code if active else 401),
         )
         if not active:
-            raise KeyRejected("revoked API key")
-        record = conn.execute(
-            "UPDATE api_keys SET last_used = now(), last_used_endpoint = %s, "
-            "request_count = request_count + 1 WHERE id = %s " + _RETURNING,
-            (endpoint, key_id),
-        ).fetchone()
-    assert record is not None
+            record = None
+        else:
+            record = conn.execute(
+                "UPDATE api_keys SET last_used = now(), last_used_endpoint = %s, "
+                "request_count = request_count + 1 WHERE id = %s " + _RETURNING,
+                (endpoint, key_id),
+            ).fetchone()
+    if record is None:
+        raise KeyRejected("revoked API key")  # raised after the commit: the refusal is audited
     return ApiKey(*record)
 
 

@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import click
 
+from marketdata_pipeline import apikeys, backfill_state, config, db, embedded, migrations, registry
 from marketdata_pipeline import bootstrap as bootstrap_mod
-from marketdata_pipeline import config, db, embedded, migrations
 from marketdata_pipeline.errors import ConfigError, MarketdataError
 from marketdata_pipeline.warehouse_status import status as warehouse_status
 
@@ -101,6 +102,175 @@ def _print_bootstrap(result: bootstrap_mod.BootstrapResult) -> None:
 
 
 # --fault KIND: (field of simulator.Faults, its type, value when no "=N" is given)
+def _warehouse():
+    return db.connection(embedded.warehouse_url())
+
+
+def _table(headers: list[str], rows: list[list[object]]) -> None:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M}Z" if moment else "-"
+
+
+@cli.group("symbols")
+def symbols_group() -> None:
+    """The symbol registry (tracked_symbols)."""
+
+
+@symbols_group.command("add")
+@click.argument("symbol")
+@click.option(
+    "--class", "asset_class", default="stock", show_default=True,
+    type=click.Choice(["stock", "etf", "crypto"]),
+)  # fmt: skip
+def symbols_add(symbol: str, asset_class: str) -> None:
+    """Register SYMBOL (a removed one is reactivated)."""
+    with _warehouse() as conn:
+        added = registry.add(conn, symbol, asset_class)
+    click.echo(f"registered {added.symbol} ({added.asset_class})")
+
+
+@symbols_group.command("list")
+@click.option("--class", "asset_class", type=click.Choice(["stock", "etf", "crypto"]))
+@click.option("--all", "include_inactive", is_flag=True, help="Include removed symbols.")
+def symbols_list(asset_class: str | None, include_inactive: bool) -> None:
+    """Active symbols (by class with --class)."""
+    with _warehouse() as conn:
+        rows = registry.list_symbols(
+            conn, asset_class=asset_class, include_inactive=include_inactive
+        )
+    _table(
+        ["SYMBOL", "CLASS", "ACTIVE", "BACKFILL", "LAST BACKFILL", "ERROR"],
+        [
+            [r.symbol, r.asset_class, "yes" if r.active else "no", r.backfill_status,
+             _when(r.last_backfill), r.backfill_error or ""]
+            for r in rows
+        ],
+    )  # fmt: skip
+
+
+@symbols_group.command("show")
+@click.argument("symbol")
+def symbols_show(symbol: str) -> None:
+    """One symbol and its backfill state per month."""
+    with _warehouse() as conn:
+        tracked = registry.get(conn, symbol)
+        windows = backfill_state.windows(conn, tracked.symbol)
+    click.echo(
+        f"{tracked.symbol} ({tracked.asset_class}), {'active' if tracked.active else 'removed'}, "
+        f"added {_when(tracked.date_added)}, backfill {tracked.backfill_status}"
+        + (f": {tracked.backfill_error}" if tracked.backfill_error else "")
+    )
+    _table(
+        ["ASSET", "MONTH", "STATUS", "LOADED", "REJECTED", "FINISHED", "RUN"],
+        [
+            [w.asset, f"{w.month:%Y-%m}", w.status, w.rows_loaded, w.rows_rejected,
+             _when(w.finished_at), w.run_id[:8]]
+            for w in windows
+        ],
+    )  # fmt: skip
+
+
+@symbols_group.command("remove")
+@click.argument("symbol")
+def symbols_remove(symbol: str) -> None:
+    """Remove SYMBOL: it goes inactive, its bars are kept."""
+    with _warehouse() as conn:
+        removed = registry.remove(conn, symbol)
+    click.echo(f"removed {removed.symbol} (inactive; its bars are kept)")
+
+
+@cli.group("keys")
+def keys_group() -> None:
+    """API keys: the raw key is shown once, only its SHA-256 is stored."""
+
+
+@keys_group.command("create")
+@click.argument("name")
+def keys_create(name: str) -> None:
+    """Create a key for NAME and print it once."""
+    with _warehouse() as conn:
+        key, raw = apikeys.create(conn, name)
+    click.echo(f"created key {key.id} ({key.name}); shown once, store it now:")
+    click.echo(raw)
+
+
+@keys_group.command("list")
+def keys_list() -> None:
+    """Every key (never its hash)."""
+    with _warehouse() as conn:
+        keys = apikeys.list_keys(conn)
+    _table(
+        ["ID", "NAME", "ACTIVE", "CREATED", "LAST USED", "ENDPOINT", "REQUESTS"],
+        [
+            [k.id, k.name, "yes" if k.active else "revoked", _when(k.created_at),
+             _when(k.last_used), k.last_used_endpoint or "", k.request_count]
+            for k in keys
+        ],
+    )  # fmt: skip
+
+
+def _key_action(action: str, verb: str):
+    @keys_group.command(action, help=f"{verb.capitalize()} the key with id KEY_ID.")
+    @click.argument("key_id", type=int)
+    def command(key_id: int) -> None:
+        with _warehouse() as conn:
+            getattr(apikeys, action)(conn, key_id)
+        click.echo(f"{verb} key {key_id}")
+
+    return command
+
+
+keys_revoke = _key_action("revoke", "revoked")
+keys_restore = _key_action("restore", "restored")
+keys_delete = _key_action("delete", "deleted")
+
+
+@keys_group.command("audit")
+@click.option("--key", "key_id", type=int, help="Only this key's uses.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
+def keys_audit(key_id: int | None, limit: int, offset: int) -> None:
+    """The audit log, newest first."""
+    with _warehouse() as conn:
+        entries = apikeys.audit(conn, key_id=key_id, limit=limit, offset=offset)
+    _table(
+        ["ID", "KEY", "METHOD", "ENDPOINT", "STATUS", "TIME"],
+        [
+            [e.id, e.key_id, e.method, e.endpoint, e.status_code, _when(e.timestamp)]
+            for e in entries
+        ],
+    )
+
+
+@cli.command("stats")
+@click.argument("symbol")
+def stats(symbol: str) -> None:
+    """Bars per timeframe, first and last bar, validation rate and calendar gaps of SYMBOL."""
+    with _warehouse() as conn:
+        tracked, per_timeframe = registry.stats(conn, symbol)
+    click.echo(f"{tracked.symbol} ({tracked.asset_class}), backfill {tracked.backfill_status}")
+    _table(
+        ["TIMEFRAME", "BARS", "FIRST", "LAST", "VALIDATION", "MISSING DAYS"],
+        [
+            [s.timeframe, f"{s.bars:,}", _when(s.first_bar), _when(s.last_bar),
+             f"{s.validation_rate:.2%}",
+             f"{len(s.missing_days)}" + (f" ({', '.join(map(str, s.missing_days[:5]))}"
+                                         f"{', ...' if len(s.missing_days) > 5 else ''})"
+                                         if s.missing_days else "")]
+            for s in per_timeframe
+        ],
+    )  # fmt: skip
+
+
 FAULT_KINDS: dict[str, tuple[str, type, float]] = {
     "rate-limit": ("rate_limited", int, -1),
     "server-error": ("server_errors", int, -1),

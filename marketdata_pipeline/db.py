@@ -52,9 +52,12 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
 
 @contextmanager
 def connection(url: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    """A session that commits when the block ends cleanly and rolls back when it raises."""
     conn = connect(url, autocommit=autocommit)
     try:
         yield conn
+        if not conn.closed:
+            conn.commit()
     finally:
         conn.close()
 

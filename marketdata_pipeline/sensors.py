@@ -83,10 +83,6 @@ def symbol_registry_sensor(
 
 
 BARS_ASSET_CLASSES = {spec.name: spec.asset_class for spec in ALL_BARS_ASSETS}
-JOB_ASSETS = {
-    f"{asset_class}_bars_refresh": [s.name for s in ALL_BARS_ASSETS if s.asset_class == asset_class]
-    for asset_class in ("stock", "crypto")
-}
 RUN_EVENTS = (
     dg.DagsterEventType.RUN_START,
     dg.DagsterEventType.RUN_SUCCESS,
@@ -98,7 +94,16 @@ EVENTS_PER_TICK = 200
 def run_partitions(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dict[str, list[str]]:
     """Bars asset -> the partition keys the run targets (single key or a range); {} if none."""
     selected = [key.to_user_string() for key in run.asset_selection or ()]
-    assets = [a for a in selected or JOB_ASSETS.get(run.job_name, []) if a in BARS_ASSET_CLASSES]
+    if not selected:  # a whole-job run: the assets it planned say what it targets
+        planned = instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
+        ).records
+        selected = [
+            r.event_log_entry.dagster_event.asset_key.to_user_string()  # type: ignore[union-attr]
+            for r in planned
+            if r.event_log_entry.dagster_event and r.event_log_entry.dagster_event.asset_key
+        ]
+    assets = [a for a in dict.fromkeys(selected) if a in BARS_ASSET_CLASSES]
     if not assets:
         return {}
     tags = run.tags

@@ -1,0 +1,234 @@
+"""Sensors and admin jobs with real runs on a test Dagster instance and real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from marketdata_pipeline import backfill_state, db, registry
+from marketdata_pipeline.admin_jobs import add_symbol, create_api_key, remove_symbol
+from marketdata_pipeline.bootstrap import bootstrap
+from marketdata_pipeline.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.sensors import (
+    backfill_status_sensor,
+    symbol_registry_sensor,
+    window_states,
+)
+from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer, serve
+from tests.test_bars_assets import materialize
+
+RESOURCES = {"warehouse": WarehouseResource()}
+
+
+@pytest.fixture
+def url(database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("MARKETDATA_HOME", str(tmp_path))
+    with db.connection(database_url) as conn:
+        bootstrap(conn)
+    return database_url
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator()
+
+
+@pytest.fixture
+def server(sim: Simulator) -> Iterator[SimulatorHTTPServer]:
+    running = serve(sim)
+    yield running
+    running.shutdown()
+    running.server_close()
+
+
+def sync(instance: dg.DagsterInstance) -> dg.SensorResult:
+    """Evaluate the registry sensor and apply its partition requests, as the daemon does."""
+    result = symbol_registry_sensor(dg.build_sensor_context(instance=instance, resources=RESOURCES))
+    for request in result.dynamic_partitions_requests or []:
+        if isinstance(request, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    return result
+
+
+def test_registry_sensor_adds_removes_and_backfills_new_symbols(url, instance) -> None:
+    first = sync(instance)
+    assert len(instance.get_dynamic_partitions("stock_symbols")) == 17
+    assert sorted(instance.get_dynamic_partitions("crypto_symbols")) == ["BTC", "ETH", "SOL"]
+    assert len(first.run_requests) == 20 * 2  # history of daily and minute bars per symbol
+
+    again = sync(instance)
+    assert not again.run_requests and not again.dynamic_partitions_requests
+
+    with db.connection(url) as conn:
+        registry.remove(conn, "SQ")
+        registry.add(conn, "DOGE", "crypto")
+    changed = sync(instance)
+    assert "SQ" not in instance.get_dynamic_partitions("stock_symbols")
+    assert "DOGE" in instance.get_dynamic_partitions("crypto_symbols")
+    assert {r.job_name for r in changed.run_requests} == {"crypto_bars_refresh"}
+    assert {r.asset_selection[0].path[-1] for r in changed.run_requests} == {
+        "crypto_daily_bars",
+        "crypto_minute_bars",
+    }
+    tags = changed.run_requests[0].tags
+    assert tags["dagster/asset_partition_range_start"] == "2020-01-01|DOGE"
+    assert tags["dagster/asset_partition_range_end"].endswith("|DOGE")
+
+
+def state_rows(url: str) -> list[tuple]:
+    with db.connection(url) as conn:
+        return conn.execute("SELECT * FROM backfill_state ORDER BY asset, symbol, month").fetchall()
+
+
+def symbol_row(url: str, symbol: str) -> tuple:
+    with db.connection(url) as conn:
+        return conn.execute(
+            "SELECT backfill_status, last_backfill, backfill_error FROM tracked_symbols "
+            "WHERE symbol = %s",
+            (symbol,),
+        ).fetchone()
+
+
+def evaluate_status_sensor(instance: dg.DagsterInstance, cursor: str | None = None):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=RESOURCES)
+    backfill_status_sensor(context)
+    return context.cursor
+
+
+def test_status_sensor_after_success_failure_and_ranged_runs_twice(
+    url, instance, sim, server
+) -> None:
+    sync(instance)
+    assert materialize(instance, server, "stock_daily_bars", key="2024-01-01|AAPL").success
+    assert materialize(
+        instance, server, "stock_minute_bars", first="2024-01-01|MSFT", last="2024-03-01|MSFT"
+    ).success
+    sim.inject(Faults(not_authorized=True), "X:ETHUSD")
+    assert not materialize(instance, server, "crypto_daily_bars", key="2024-05-01|ETH").success
+
+    cursor = evaluate_status_sensor(instance)  # first tick: sees the runs before it
+    rows = state_rows(url)
+    by_window = {(r[0], r[1], str(r[2])): r for r in rows}
+    assert len(rows) == 1 + 3 + 1
+    aapl = by_window[("stock_daily_bars", "AAPL", "2024-01-01")]
+    assert aapl[3] == "completed" and aapl[5] == 21 and aapl[6] == 0  # 21 sessions, 0 rejected
+    assert [by_window[("stock_minute_bars", "MSFT", f"2024-0{m}-01")][3] for m in (1, 2, 3)] == [
+        "completed"
+    ] * 3
+    eth = by_window[("crypto_daily_bars", "ETH", "2024-05-01")]
+    assert eth[3] == "failed" and "not entitled" in eth[7]
+
+    assert symbol_row(url, "AAPL")[0] == "completed" and symbol_row(url, "AAPL")[1] is not None
+    assert symbol_row(url, "MSFT")[0] == "completed"
+    eth_row = symbol_row(url, "ETH")
+    assert eth_row[0] == "failed" and "not entitled" in eth_row[2]
+    assert symbol_row(url, "NVDA")[0] == "pending"
+
+    # Processing the same runs again (a daemon restart without its cursor) changes nothing.
+    evaluate_status_sensor(instance)
+    assert state_rows(url) == rows
+    assert evaluate_status_sensor(instance, cursor) == cursor
+
+    # A later successful run of the failed window rolls the symbol up to completed.
+    sim.clear_faults()
+    assert materialize(instance, server, "crypto_daily_bars", key="2024-05-01|ETH").success
+    evaluate_status_sensor(instance, cursor)
+    assert symbol_row(url, "ETH")[:3:2] == ("completed", None)
+
+
+def test_started_run_is_in_progress_and_a_replayed_start_never_regresses(
+    url, instance, server
+) -> None:
+    sync(instance)
+    unrelated = dg.Definitions(jobs=[add_symbol], resources=RESOURCES).get_job_def("add_symbol")
+    assert unrelated.execute_in_process(
+        instance=instance, run_config={"ops": {"register_symbol": {"config": {"symbol": "ZZ"}}}}
+    ).success
+    result = materialize(instance, server, "stock_daily_bars", key="2024-02-01|NVDA")
+    start = next(
+        r.event_log_entry
+        for r in instance.get_records_for_run(
+            result.run_id, of_type=dg.DagsterEventType.RUN_START
+        ).records
+    )
+    with db.connection(url) as conn:
+        backfill_state.record(conn, window_states(instance, start))
+    assert [(r[1], str(r[2]), r[3]) for r in state_rows(url)] == [
+        ("NVDA", "2024-02-01", "in_progress")
+    ]
+    assert symbol_row(url, "NVDA")[0] == "in_progress"
+
+    evaluate_status_sensor(instance)  # the unrelated admin run is skipped, not an error
+    assert [r[3] for r in state_rows(url)] == ["completed"]
+    with db.connection(url) as conn:  # STARTED delivered again after SUCCESS
+        backfill_state.record(conn, window_states(instance, start))
+    assert [r[3] for r in state_rows(url)] == ["completed"]
+    assert symbol_row(url, "NVDA")[0] == "completed"
+
+
+def test_admin_jobs_and_no_secret_in_the_event_log(url, instance, tmp_path: Path) -> None:
+    defs = dg.Definitions(jobs=[add_symbol, remove_symbol, create_api_key], resources=RESOURCES)
+    added = defs.get_job_def("add_symbol").execute_in_process(
+        instance=instance,
+        run_config={"ops": {"register_symbol": {"config": {"symbol": "hood"}}}},
+    )
+    assert added.success
+    with db.connection(url) as conn:
+        assert registry.get(conn, "HOOD").active
+    duplicate = defs.get_job_def("add_symbol").execute_in_process(
+        instance=instance,
+        run_config={"ops": {"register_symbol": {"config": {"symbol": "HOOD"}}}},
+        raise_on_error=False,
+    )
+    assert not duplicate.success
+    assert (
+        defs.get_job_def("remove_symbol")
+        .execute_in_process(
+            instance=instance,
+            run_config={"ops": {"deactivate_symbol": {"config": {"symbol": "HOOD"}}}},
+        )
+        .success
+    )
+
+    created = defs.get_job_def("create_api_key").execute_in_process(
+        instance=instance, run_config={"ops": {"issue_api_key": {"config": {"name": "ops"}}}}
+    )
+    assert created.success
+    key_file = tmp_path / "api-keys" / "key-2.txt"
+    raw = key_file.read_text().strip()
+    assert raw.startswith("mdw_")
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+
+    everything = []
+    for run in instance.get_runs():
+        for record in instance.all_logs(run.run_id):
+            everything.append(str(record))
+        everything.append(str(run.run_config))
+    text = "\n".join(everything)
+    assert str(key_file) in text, "the operator is told where the key is"
+    assert raw not in text
+    assert raw.removeprefix("mdw_")[:20] not in text
+
+
+def test_polygon_key_stays_out_of_resource_config() -> None:
+    os.environ["POLYGON_API_KEY_TEST_ONLY"] = "pk_secret_never_shown"
+    try:
+        resource = PolygonResource(api_key=dg.EnvVar("POLYGON_API_KEY_TEST_ONLY"))
+        assert "pk_secret_never_shown" not in repr(resource)
+    finally:
+        del os.environ["POLYGON_API_KEY_TEST_ONLY"]
