@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import polars as pl
 import psycopg
 import pytest
 from psycopg import sql
 
 from marketdata_pipeline import embedded
+from marketdata_pipeline.polygon import BAR_SCHEMA
+from marketdata_pipeline.simulator import Simulator, SimulatorHTTPServer, serve
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PGLITE_DIR = Path(__file__).resolve().parent / "pglite"
@@ -106,3 +109,34 @@ def timescaledb_url() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator()
+
+
+@pytest.fixture
+def server(sim: Simulator) -> Iterator[SimulatorHTTPServer]:
+    """The simulator on a real loopback socket."""
+    running = serve(sim)
+    yield running
+    running.shutdown()
+    running.server_close()
+
+
+def bars_frame(bars: dict) -> pl.DataFrame:
+    """Simulator columns (Polygon's short names) as the client's typed frame."""
+    return pl.DataFrame(
+        {
+            "ts": pl.Series(bars["t"]).cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"),
+            "open": bars["o"],
+            "high": bars["h"],
+            "low": bars["l"],
+            "close": bars["c"],
+            "volume": bars["v"],
+            "vwap": bars["vw"],
+            "trades": bars["n"],
+        },
+        schema=BAR_SCHEMA,
+    )

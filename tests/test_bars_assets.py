@@ -18,11 +18,10 @@ import pytest
 from marketdata_pipeline import db, migrations
 from marketdata_pipeline.assets import bars_assets
 from marketdata_pipeline.ingest import next_month, window
-from marketdata_pipeline.polygon import BAR_SCHEMA
 from marketdata_pipeline.resources import PolygonResource, WarehouseResource
-from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer
 from marketdata_pipeline.warehouse import WINDOW_LOCK_CLASS, read_bars
-from tests.conftest import PROJECT_DIR
+from tests.conftest import PROJECT_DIR, bars_frame
 
 ASSETS = {a.key.path[-1]: a for a in bars_assets}
 SPLIT_DAY = date(2023, 6, 15)
@@ -34,19 +33,6 @@ def warehouse_url(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     with db.connection(database_url) as conn:
         migrations.migrate(conn)
     return database_url
-
-
-@pytest.fixture
-def sim() -> Simulator:
-    return Simulator()
-
-
-@pytest.fixture
-def server(sim: Simulator) -> Iterator[SimulatorHTTPServer]:
-    running = serve(sim)
-    yield running
-    running.shutdown()
-    running.server_close()
 
 
 @pytest.fixture
@@ -92,20 +78,7 @@ def expected(sim: Simulator, asset_class: str, timeframe: str, symbol: str, mont
     ticker = f"X:{symbol}USD" if asset_class == "crypto" else symbol
     span = "day" if timeframe == "daily" else "minute"
     first, last = months[0], next_month(months[-1])
-    bars = sim.expected_bars(ticker, span, first, last)
-    frame = pl.DataFrame(
-        {
-            "ts": pl.Series(bars["t"]).cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"),
-            "open": bars["o"],
-            "high": bars["h"],
-            "low": bars["l"],
-            "close": bars["c"],
-            "volume": bars["v"],
-            "vwap": bars["vw"],
-            "trades": bars["n"],
-        },
-        schema=BAR_SCHEMA,
-    )
+    frame = bars_frame(sim.expected_bars(ticker, span, first, last))
     start = window(asset_class, timeframe, symbol, months[0]).start
     end = window(asset_class, timeframe, symbol, months[-1]).end
     return frame.filter((pl.col("ts") >= start) & (pl.col("ts") < end))

@@ -6,7 +6,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from marketdata_pipeline.polygon import (
     RetryPolicy,
     decode_page,
 )
-from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer
 from marketdata_pipeline.symbols import polygon_ticker
+from tests.conftest import bars_frame
 
 FIXTURES = Path(__file__).parent / "fixtures" / "polygon"
 KEY = "pk_live_7Hq2SECRETw9Zk4"
@@ -36,33 +36,12 @@ def sim() -> Simulator:
     return Simulator(api_key=KEY)
 
 
-@pytest.fixture
-def server(sim: Simulator) -> Iterator[SimulatorHTTPServer]:
-    running = serve(sim)
-    yield running
-    running.shutdown()
-    running.server_close()
-
-
 def socket_client(server: SimulatorHTTPServer, **kwargs: object) -> PolygonClient:
     return PolygonClient(KEY, server.url, retry=FAST_RETRY, **kwargs)  # type: ignore[arg-type]
 
 
 def expected_frame(sim: Simulator, ticker: str, timespan: str, first: date, last: date):
-    bars = sim.expected_bars(ticker, timespan, first, last)
-    return pl.DataFrame(
-        {
-            "ts": pl.Series(bars["t"]).cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"),
-            "open": bars["o"],
-            "high": bars["h"],
-            "low": bars["l"],
-            "close": bars["c"],
-            "volume": bars["v"],
-            "vwap": bars["vw"],
-            "trades": bars["n"],
-        },
-        schema=BAR_SCHEMA,
-    )
+    return bars_frame(sim.expected_bars(ticker, timespan, first, last))
 
 
 # -- recorded responses ------------------------------------------------------------------

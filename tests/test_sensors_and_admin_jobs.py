@@ -19,7 +19,7 @@ from marketdata_pipeline.sensors import (
     symbol_registry_sensor,
     window_states,
 )
-from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.simulator import Faults
 from tests.test_bars_assets import materialize
 
 RESOURCES = {"warehouse": WarehouseResource()}
@@ -38,19 +38,6 @@ def url(database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> s
 def instance() -> Iterator[dg.DagsterInstance]:
     with dg.instance_for_test() as test_instance:
         yield test_instance
-
-
-@pytest.fixture
-def sim() -> Simulator:
-    return Simulator()
-
-
-@pytest.fixture
-def server(sim: Simulator) -> Iterator[SimulatorHTTPServer]:
-    running = serve(sim)
-    yield running
-    running.shutdown()
-    running.server_close()
 
 
 def sync(instance: dg.DagsterInstance) -> dg.SensorResult:
