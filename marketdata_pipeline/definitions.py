@@ -7,6 +7,7 @@ import dagster as dg
 from marketdata_pipeline import config
 from marketdata_pipeline.admin_jobs import admin_jobs
 from marketdata_pipeline.assets import bars_assets
+from marketdata_pipeline.checks import freshness_checks
 from marketdata_pipeline.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.schedules import (
     crypto_bars_daily,
@@ -18,6 +19,7 @@ from marketdata_pipeline.sensors import backfill_status_sensor, symbol_registry_
 
 defs = dg.Definitions(
     assets=bars_assets,
+    asset_checks=freshness_checks,
     jobs=[stock_bars_refresh, crypto_bars_refresh, *admin_jobs],
     schedules=[stock_bars_after_close, crypto_bars_daily],
     sensors=[symbol_registry_sensor, backfill_status_sensor],

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import date
+from datetime import UTC, date, datetime
 
 import dagster as dg
 import polars as pl
@@ -16,7 +16,9 @@ import psycopg
 import pytest
 
 from marketdata_pipeline import db, migrations
-from marketdata_pipeline.assets import bars_assets
+from marketdata_pipeline.assets import BarsAsset, bars_assets
+from marketdata_pipeline.bootstrap import bootstrap
+from marketdata_pipeline.checks import stale_symbols
 from marketdata_pipeline.ingest import next_month, window
 from marketdata_pipeline.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer
@@ -335,3 +337,21 @@ def test_two_processes_loading_the_same_window_serialize(warehouse_url) -> None:
         assert conn.execute(
             "SELECT count(*) - count(DISTINCT ts) FROM bars_minute WHERE symbol = 'MSFT'"
         ).fetchone() == (0,)
+
+
+def test_freshness_lists_symbols_behind_the_last_complete_session(warehouse_url) -> None:
+    spec = BarsAsset("stock", "daily")
+    now = datetime(2024, 3, 13, 12, tzinfo=UTC)  # Wednesday morning: Tuesday is complete
+    with db.connection(warehouse_url) as conn:
+        bootstrap(conn)
+        conn.execute(
+            "INSERT INTO bars_daily VALUES "
+            "('AAPL', '2024-03-12 04:00Z', 1, 2, 1, 1.5, 10, NULL, NULL), "
+            "('MSFT', '2024-03-08 05:00Z', 1, 2, 1, 1.5, 10, NULL, NULL)"
+        )
+        expected, stale = stale_symbols(conn, spec, now)
+    assert expected == "2024-03-12"
+    assert "AAPL" not in stale
+    assert stale["MSFT"] == "2024-03-08"
+    assert stale["NVDA"] == "no bars"
+    assert len(stale) == 16
