@@ -1,6 +1,8 @@
 """Jobs an operator launches from the UI's launchpad: symbols and API keys."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -30,19 +32,21 @@ class KeyIdConfig(dg.Config):
     key_id: int = Field(description="The key's id, as `marketdata keys list` shows it.")
 
 
-def _failure(error: MarketdataError) -> dg.Failure:
-    return dg.Failure(description=str(error))
+@contextmanager
+def _failing_clearly() -> Iterator[None]:
+    """An operator error (duplicate symbol, unknown key) fails the run with its one line."""
+    try:
+        yield
+    except MarketdataError as error:
+        raise dg.Failure(description=str(error)) from None
 
 
 @dg.op
 def register_symbol(
     context: dg.OpExecutionContext, config: AddSymbolConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn:
-        try:
-            added = registry.add(conn, config.symbol, config.asset_class)
-        except MarketdataError as error:
-            raise _failure(error) from None
+    with warehouse.connection() as conn, _failing_clearly():
+        added = registry.add(conn, config.symbol, config.asset_class)
     context.log.info(
         f"registered {added.symbol} ({added.asset_class}); the registry sensor adds its "
         "partitions and backfills its history on its next tick"
@@ -53,11 +57,8 @@ def register_symbol(
 def deactivate_symbol(
     context: dg.OpExecutionContext, config: SymbolConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn:
-        try:
-            removed = registry.remove(conn, config.symbol)
-        except MarketdataError as error:
-            raise _failure(error) from None
+    with warehouse.connection() as conn, _failing_clearly():
+        removed = registry.remove(conn, config.symbol)
     context.log.info(f"removed {removed.symbol}: inactive, its bars are kept")
 
 
@@ -65,11 +66,8 @@ def deactivate_symbol(
 def issue_api_key(
     context: dg.OpExecutionContext, config: CreateKeyConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn:
-        try:
-            key, raw = apikeys.create(conn, config.name)
-        except MarketdataError as error:
-            raise _failure(error) from None
+    with warehouse.connection() as conn, _failing_clearly():
+        key, raw = apikeys.create(conn, config.name)
     path = _deliver(key.id, raw)
     # The raw key goes to a file only the operator's account can read, never to the event log.
     context.log.info(f"created API key {key.id} ({key.name}); the raw key is in {path}")
@@ -79,11 +77,8 @@ def issue_api_key(
 def revoke_api_key(
     context: dg.OpExecutionContext, config: KeyIdConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn:
-        try:
-            key = apikeys.revoke(conn, config.key_id)
-        except MarketdataError as error:
-            raise _failure(error) from None
+    with warehouse.connection() as conn, _failing_clearly():
+        key = apikeys.revoke(conn, config.key_id)
     context.log.info(f"revoked API key {key.id} ({key.name})")
 
 

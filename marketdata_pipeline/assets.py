@@ -4,13 +4,13 @@ import collections
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 import dagster as dg
 import polars as pl
 
 from marketdata_pipeline import quality
-from marketdata_pipeline.ingest import WindowOutcome, ingest, next_month
+from marketdata_pipeline.ingest import TIMESPANS, WindowOutcome, ingest, next_month
 from marketdata_pipeline.partitions import bars_partitions
 from marketdata_pipeline.polygon import PolygonError
 from marketdata_pipeline.resources import PolygonResource, WarehouseResource
@@ -53,7 +53,7 @@ class BarsAsset:
 
     @property
     def table(self) -> str:
-        return BAR_TABLES["day" if self.timeframe == "daily" else "minute"]
+        return BAR_TABLES[TIMESPANS[self.timeframe]]
 
     @property
     def days_check(self) -> str:
@@ -186,7 +186,6 @@ class _Summary:
 
 def _summarize(spec: BarsAsset, outcome: WindowOutcome) -> _Summary:
     valid, window = outcome.validation.valid, outcome.window
-    last_day = next_month(window.month).toordinal() - 1
     reasons = (
         outcome.validation.rejected.select(pl.col("reasons").explode())
         .group_by("reasons")
@@ -202,7 +201,7 @@ def _summarize(spec: BarsAsset, outcome: WindowOutcome) -> _Summary:
             spec.asset_class,
             spec.timeframe,
             window.month,
-            date.fromordinal(last_day),
+            next_month(window.month) - timedelta(days=1),
             valid["ts"],
         ),
     )

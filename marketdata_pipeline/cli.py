@@ -10,7 +10,6 @@ import sys
 import threading
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -341,11 +340,6 @@ def _psycopg2_driver(url: str) -> str:
     return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") else url
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 DEMO_DATABASE = "marketdata_demo"
 
 
@@ -373,7 +367,7 @@ def ui(port: int) -> None:
     if not dagster_url:
         dagster_db = "dagster_demo" if simulated else "dagster"
         embedded.ensure_database(url, dagster_db)
-        dagster_url = _with_database(url, dagster_db)
+        dagster_url = db.with_database(url, dagster_db)
     dagster_url = _psycopg2_driver(dagster_url)
     dagster_home = config.marketdata_home() / ("dagster_demo" if simulated else "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
@@ -390,7 +384,8 @@ def ui(port: int) -> None:
             f"OFFLINE DEMO: no POLYGON_API_KEY, so bars come from the Polygon simulator at "
             f"{server.url} (synthetic data) into the embedded database {DEMO_DATABASE}"
         )
-    added = _register_symbol_partitions(env)
+    os.environ.update(env)  # the instance config below and `dagster dev` read the same env
+    added = _register_symbol_partitions()
     if added:
         click.echo(f"registered symbol partitions: {added}")
 
@@ -401,7 +396,7 @@ def ui(port: int) -> None:
     ]  # fmt: skip
     click.echo(f"Dagster UI: http://127.0.0.1:{port}  (warehouse {db.describe(url)})")
     try:
-        subprocess.run(command, env=env, cwd=dagster_home, check=False)
+        subprocess.run(command, cwd=dagster_home, check=False)
     except KeyboardInterrupt:
         pass
     finally:
@@ -412,7 +407,7 @@ def ui(port: int) -> None:
             click.echo("embedded PostgreSQL stopped")
 
 
-def _register_symbol_partitions(env: dict[str, str]) -> dict[str, list[str]]:
+def _register_symbol_partitions() -> dict[str, list[str]]:
     """Add the registry's active symbols as partitions now, so a backfill can be launched as
     soon as the UI is up (the registry sensor keeps them in step afterwards)."""
     import dagster as dg
@@ -421,21 +416,15 @@ def _register_symbol_partitions(env: dict[str, str]) -> dict[str, list[str]]:
     from marketdata_pipeline.partitions import SYMBOL_DIMENSIONS
     from marketdata_pipeline.sensors import partition_changes
 
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        with dg.DagsterInstance.get() as instance, db.connection(env["DATABASE_URL"]) as conn:
-            active = {
-                dimension: registry.active_symbols(conn, classes)
-                for dimension, classes in SYMBOL_DIMENSIONS.items()
-            }
-            adds, _, added = partition_changes(instance, active)
-            for request in adds:
-                instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
-        return added
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with dg.DagsterInstance.get() as instance, db.connection(os.environ["DATABASE_URL"]) as conn:
+        active = {
+            dimension: registry.active_symbols(conn, classes)
+            for dimension, classes in SYMBOL_DIMENSIONS.items()
+        }
+        adds, _, added = partition_changes(instance, active)
+        for request in adds:
+            instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+    return added
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -12,6 +13,11 @@ from psycopg_pool import ConnectionPool
 from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable
 
 CONNECT_TIMEOUT_SECONDS = 5
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server and credentials, another database."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def describe(url: str) -> str:

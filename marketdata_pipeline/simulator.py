@@ -121,6 +121,7 @@ class Simulator:
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_pages = cache_pages
+        self._last_range: tuple[tuple, tuple] | None = None
         self.requests: list[str] = []  # paths with query, in arrival order
 
     # -- configuration -------------------------------------------------------------------
@@ -139,6 +140,7 @@ class Simulator:
         with self._lock:
             self.revisions.split(ticker, effective, ratio)
             self._cache.clear()
+            self._last_range = None
 
     def expected_bars(
         self, ticker: str, timespan: str, first: date, last: date, *, adjusted: bool = True
@@ -243,6 +245,30 @@ class Simulator:
             return synth.daily_starts(ticker, first, last)
         return synth.minute_starts(ticker, first, last)
 
+    def _range(
+        self, ticker: str, timespan: str, multiplier: int, start: str, end: str, adjusted: bool
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """Base bars of a request's whole range, with their buckets. Kept for the last range
+        asked, so following `next_url` pages does not rebuild the range for every page."""
+        key = (ticker, timespan, multiplier, start, end, adjusted)
+        with self._lock:
+            if self._last_range and self._last_range[0] == key:
+                return self._last_range[1]
+        zone = UTC if synth.is_crypto(ticker) else _NY
+        start_ms = _parse_bound(start, zone, end=False)
+        end_ms = _parse_bound(end, zone, end=True)
+        first, last = synth.day_range(start_ms, max(start_ms, end_ms), ticker)
+        starts = self._base_starts(ticker, timespan, first, last)
+        starts = starts[(starts >= start_ms) & (starts <= end_ms)]
+        base_ms = synth.DAY_MS if timespan == "day" else synth.MINUTE_MS
+        columns = synth.bars(ticker, starts, base_ms, self.revisions, adjusted=adjusted)
+        bucket = _bucket_ids(starts, timespan, multiplier)
+        _, first_index, counts = np.unique(bucket, return_index=True, return_counts=True)
+        built = (columns, bucket, first_index, counts)
+        with self._lock:
+            self._last_range = (key, built)
+        return built
+
     def _aggregates(self, params: dict[str, str], query: dict[str, str], faults: Faults) -> bytes:
         ticker, timespan = params["ticker"], params["timespan"]
         try:
@@ -275,18 +301,9 @@ class Simulator:
         if self._cache_pages and faults == Faults() and cache_key in self._cache:
             return self._cache[cache_key]
 
-        zone = UTC if synth.is_crypto(ticker) else _NY
-        start_ms = _parse_bound(params["start"], zone, end=False)
-        end_ms = _parse_bound(params["end"], zone, end=True)
-        first, last = synth.day_range(start_ms, max(start_ms, end_ms), ticker)
-        starts = self._base_starts(ticker, timespan, first, last)
-        starts = starts[(starts >= start_ms) & (starts <= end_ms)]
-        base_ms = synth.DAY_MS if timespan == "day" else synth.MINUTE_MS
-        columns = synth.bars(ticker, starts, base_ms, self.revisions, adjusted=adjusted)
-        bucket = _bucket_ids(starts, timespan, multiplier)
-
-        # Whole buckets per page, at most `limit` base bars (at least one bucket).
-        _, first_index, counts = np.unique(bucket, return_index=True, return_counts=True)
+        columns, bucket, first_index, counts = self._range(
+            ticker, timespan, multiplier, params["start"], params["end"], adjusted
+        )
         if sort == "desc":
             first_index, counts = first_index[::-1], counts[::-1]
         page_counts = np.cumsum(counts[offset:])

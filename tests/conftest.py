@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
 import psycopg
@@ -19,15 +18,12 @@ import pytest
 from psycopg import sql
 
 from marketdata_pipeline import embedded
+from marketdata_pipeline.db import with_database
 from marketdata_pipeline.polygon import BAR_SCHEMA
 from marketdata_pipeline.simulator import Simulator, SimulatorHTTPServer, serve
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PGLITE_DIR = Path(__file__).resolve().parent / "pglite"
-
-
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 @pytest.fixture(scope="session")
