@@ -1,16 +1,21 @@
 """Fetch, validate and load one symbol's months: the pipeline path, without Dagster.
 
 Contiguous months are fetched with one paginated request stream; bars are routed to their
-month as pages arrive, and each month is validated and loaded as soon as the stream has
-passed it, so memory holds about one month and one page whatever the range.
+month as pages arrive, and each month is validated as soon as the stream has passed it and
+loaded while the next one is fetched, so memory holds a few months and a page whatever the
+range.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -25,6 +30,10 @@ from marketdata_pipeline.warehouse import LoadResult, Window, replace_window
 log = logging.getLogger(__name__)
 
 TIMESPANS = {"daily": "day", "minute": "minute"}
+# One validated month waits while another loads: memory stays at a few months and a page.
+READ_AHEAD_WINDOWS = 1
+_END = object()
+T = TypeVar("T")
 
 
 def month_start(day: date) -> date:
@@ -59,12 +68,16 @@ def contiguous_runs(months: Sequence[date]) -> list[list[date]]:
 
 
 @dataclass
-class WindowOutcome:
+class FetchedWindow:
     window: Window
     validation: Validation
+    request_ids: list[str]
+    pages: int
+
+
+@dataclass
+class WindowOutcome(FetchedWindow):
     load: LoadResult
-    request_ids: list[str] = field(default_factory=list)
-    pages: int = 0
 
 
 def ingest(
@@ -77,7 +90,36 @@ def ingest(
     months: Sequence[date],
     run_id: str | None = None,
 ) -> Iterator[WindowOutcome]:
-    """Fetch, validate and load each month of `months`; yields each as it is loaded."""
+    """Fetch, validate and load each month of `months`; yields each as it is loaded.
+
+    Fetching and validating run one window ahead in a worker thread, so the next month is
+    being fetched while the database writes this one (measured by `scripts/bench.py`).
+    """
+    fetched = fetch_windows(
+        client, asset_class=asset_class, timeframe=timeframe, symbol=symbol, months=months
+    )
+    with read_ahead(fetched, depth=READ_AHEAD_WINDOWS) as windows:
+        for part in windows:
+            valid, rejected = part.validation.valid, part.validation.rejected
+            load = replace_window(conn, part.window, valid, rejected, run_id)
+            log.info(
+                "%s %s %s: loaded %d bars, rejected %d, flagged %d (replaced %d)",
+                part.window.symbol,
+                part.window.timeframe,
+                f"{part.window.month:%Y-%m}",
+                load.rows_loaded,
+                load.rows_rejected,
+                part.validation.flagged.height,
+                load.rows_replaced,
+            )
+            yield WindowOutcome(part.window, part.validation, part.request_ids, part.pages, load)
+
+
+def fetch_windows(
+    client: PolygonClient, *, asset_class: str, timeframe: str, symbol: str, months: Sequence[date]
+) -> Iterator[FetchedWindow]:
+    """Each month of `months`, fetched and validated, in order; one request stream per run of
+    contiguous months, each month yielded as soon as the stream has passed it."""
     ticker = polygon_ticker(symbol, asset_class)
     for run in contiguous_runs(months):
         windows = [window(asset_class, timeframe, symbol, m) for m in run]
@@ -95,32 +137,65 @@ def ingest(
                 if inside.height == frame.height:
                     break
                 frame = frame.slice(inside.height)
-                yield _finish(conn, windows[current], buffered, request_ids, pages, run_id)
+                yield _validated(windows[current], buffered, request_ids, pages)
                 current, buffered, request_ids, pages = current + 1, [], [page.request_id], 1
         while current < len(windows):
-            yield _finish(conn, windows[current], buffered, request_ids, pages, run_id)
+            yield _validated(windows[current], buffered, request_ids, pages)
             current, buffered, request_ids, pages = current + 1, [], [], 0
 
 
-def _finish(
-    conn: psycopg.Connection,
-    target: Window,
-    frames: list[pl.DataFrame],
-    request_ids: list[str],
-    pages: int,
-    run_id: str | None,
-) -> WindowOutcome:
+def _validated(
+    target: Window, frames: list[pl.DataFrame], request_ids: list[str], pages: int
+) -> FetchedWindow:
     raw = pl.concat(frames) if frames else empty_bars()
-    validation = validate(raw, target.start, target.end)
-    load = replace_window(conn, target, validation.valid, validation.rejected, run_id)
-    log.info(
-        "%s %s %s: loaded %d bars, rejected %d, flagged %d (replaced %d)",
-        target.symbol,
-        target.timeframe,
-        f"{target.month:%Y-%m}",
-        load.rows_loaded,
-        load.rows_rejected,
-        validation.flagged.height,
-        load.rows_replaced,
-    )
-    return WindowOutcome(target, validation, load, list(request_ids), pages)
+    return FetchedWindow(target, validate(raw, target.start, target.end), list(request_ids), pages)
+
+
+@contextmanager
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
+    """Iterate `items` in a worker thread, at most `depth` items ahead of the consumer.
+
+    The worker's exception is raised in the consumer after the items before it; leaving the
+    block early stops the worker and closes `items`.
+    """
+    slots: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(slot: tuple[object, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(slot, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as error:  # re-raised in the consumer's thread
+            put((_END, error))
+        finally:
+            close = getattr(items, "close", None)
+            if close:
+                close()
+
+    def consume() -> Iterator[T]:
+        while True:
+            item, error = slots.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item  # type: ignore[misc]
+
+    worker = threading.Thread(target=work, name="ingest-read-ahead", daemon=True)
+    worker.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        worker.join()

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 import polars as pl
@@ -20,9 +20,10 @@ from marketdata_pipeline.assets import BarsAsset, bars_assets
 from marketdata_pipeline.bootstrap import bootstrap
 from marketdata_pipeline.checks import stale_symbols
 from marketdata_pipeline.ingest import next_month, window
+from marketdata_pipeline.polygon import BAR_SCHEMA
 from marketdata_pipeline.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer
-from marketdata_pipeline.warehouse import WINDOW_LOCK_CLASS, read_bars
+from marketdata_pipeline.warehouse import WINDOW_LOCK_CLASS, read_bars, replace_window
 from tests.conftest import PROJECT_DIR, bars_frame
 
 ASSETS = {a.key.path[-1]: a for a in bars_assets}
@@ -184,6 +185,29 @@ def test_revised_history_is_replaced_exactly(warehouse_url, sim, server, instanc
     assert after.equals(expected(sim, "stock", "minute", "AAPL", months))
     assert not after.equals(before)
     assert after.height == before.height
+
+
+def test_bars_without_vwap_or_trades_load_with_nulls(warehouse_url) -> None:
+    # Polygon's vw and n are optional; the binary COPY encodes each null pattern apart.
+    target = window("stock", "minute", "AAPL", date(2024, 3, 1))
+    bars = pl.DataFrame(
+        {
+            "ts": [target.start + timedelta(minutes=m) for m in range(4)],
+            "open": [10.0, 11.0, 12.0, 13.0],
+            "high": [10.5, 11.5, 12.5, 13.5],
+            "low": [9.5, 10.5, 11.5, 12.5],
+            "close": [10.2, 11.2, 12.2, 13.2],
+            "volume": [100.0, 0.5, 300.0, 400.0],
+            "vwap": [10.1, None, 12.1, None],
+            "trades": [5, 6, None, None],
+        },
+        schema=BAR_SCHEMA,
+    )
+    with db.connection(warehouse_url) as conn:
+        load = replace_window(conn, target, bars, bars.clear())
+        stored_bars = read_bars(conn, "minute", "AAPL", target.start, target.end)
+    assert load.rows_loaded == 4
+    assert stored_bars.equals(bars)
 
 
 def test_bad_bars_are_quarantined_with_reasons_and_fail_the_check(
