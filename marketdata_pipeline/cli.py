@@ -309,7 +309,14 @@ def _parse_fault(spec: str) -> tuple[str | None, str, object]:
     help="Inject a fault (repeatable; a count without =N never runs out). "
     f"Kinds: {', '.join(FAULT_KINDS)}.",
 )
-def simulator(host: str, port: int, faults: tuple[str, ...]) -> None:
+@click.option(
+    "--cache-pages",
+    default=64,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Rendered pages kept to answer repeated requests without rebuilding them.",
+)
+def simulator(host: str, port: int, faults: tuple[str, ...], cache_pages: int) -> None:
     """Serve a Polygon-compatible aggregates API with synthetic bars (offline work, tests).
 
     A key is required only when SIMULATOR_API_KEY is set. Bars are synthetic: never load them
@@ -317,7 +324,7 @@ def simulator(host: str, port: int, faults: tuple[str, ...]) -> None:
     """
     from marketdata_pipeline.simulator import Faults, Simulator, serve
 
-    sim = Simulator(api_key=os.environ.get("SIMULATOR_API_KEY") or None, cache_pages=64)
+    sim = Simulator(api_key=os.environ.get("SIMULATOR_API_KEY") or None, cache_pages=cache_pages)
     by_ticker: dict[str | None, dict[str, object]] = {}
     for spec in faults:
         ticker, field, value = _parse_fault(spec)
@@ -332,14 +339,6 @@ def simulator(host: str, port: int, faults: tuple[str, ...]) -> None:
         server.shutdown()
 
 
-def _psycopg2_driver(url: str) -> str:
-    """SQLAlchemy 2.1 picks psycopg 3 for a plain postgresql:// URL, and the Dagster webserver
-    then fails every storage query with "the connection is closed"; dagster-postgres is built
-    on psycopg2, so name that driver."""
-    scheme, _, rest = url.partition("://")
-    return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") else url
-
-
 DEMO_DATABASE = "marketdata_demo"
 
 
@@ -351,6 +350,10 @@ def ui(port: int) -> None:
     Without POLYGON_API_KEY (and POLYGON_BASE_URL) this is the offline demo: bars come from
     the built-in simulator and go to their own embedded database, `marketdata_demo`.
     """
+    import dagster as dg  # here, not at the top: the other commands start without Dagster
+
+    from marketdata_pipeline.sensors import register_symbol_partitions
+
     env = dict(os.environ)
     simulated = not os.environ.get("POLYGON_API_KEY") and not os.environ.get("POLYGON_BASE_URL")
     if simulated and config.database_url():
@@ -368,7 +371,7 @@ def ui(port: int) -> None:
         dagster_db = "dagster_demo" if simulated else "dagster"
         embedded.ensure_database(url, dagster_db)
         dagster_url = db.with_database(url, dagster_db)
-    dagster_url = _psycopg2_driver(dagster_url)
+    dagster_url = db.psycopg2_url(dagster_url)
     dagster_home = config.marketdata_home() / ("dagster_demo" if simulated else "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")
@@ -385,7 +388,8 @@ def ui(port: int) -> None:
             f"{server.url} (synthetic data) into the embedded database {DEMO_DATABASE}"
         )
     os.environ.update(env)  # the instance config below and `dagster dev` read the same env
-    added = _register_symbol_partitions()
+    with dg.DagsterInstance.get() as instance, db.connection(url) as conn:
+        added = register_symbol_partitions(instance, conn)
     if added:
         click.echo(f"registered symbol partitions: {added}")
 
@@ -405,26 +409,6 @@ def ui(port: int) -> None:
         if started_embedded:
             embedded.stop()
             click.echo("embedded PostgreSQL stopped")
-
-
-def _register_symbol_partitions() -> dict[str, list[str]]:
-    """Add the registry's active symbols as partitions now, so a backfill can be launched as
-    soon as the UI is up (the registry sensor keeps them in step afterwards)."""
-    import dagster as dg
-
-    from marketdata_pipeline import registry
-    from marketdata_pipeline.partitions import SYMBOL_DIMENSIONS
-    from marketdata_pipeline.sensors import partition_changes
-
-    with dg.DagsterInstance.get() as instance, db.connection(os.environ["DATABASE_URL"]) as conn:
-        active = {
-            dimension: registry.active_symbols(conn, classes)
-            for dimension, classes in SYMBOL_DIMENSIONS.items()
-        }
-        adds, _, added = partition_changes(instance, active)
-        for request in adds:
-            instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
-    return added
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,17 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
+def psycopg2_url(url: str) -> str:
+    """The URL naming the psycopg2 driver, for Dagster's instance storage.
+
+    SQLAlchemy 2.1 picks psycopg 3 for a plain postgresql:// URL, and the Dagster webserver
+    then fails every storage query with "the connection is closed"; dagster-postgres is built
+    on psycopg2.
+    """
+    scheme, _, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") else url
+
+
 def describe(url: str) -> str:
     """Host and port of a URL, for messages: never the user's password."""
     try:

@@ -23,6 +23,9 @@ defs = dg.Definitions(
     jobs=[stock_bars_refresh, crypto_bars_refresh, *admin_jobs],
     schedules=[stock_bars_after_close, crypto_bars_daily],
     sensors=[symbol_registry_sensor, backfill_status_sensor],
+    # Each bars run is one step; running it in the run's own process saves a second process
+    # start (about 3 s) per run, which dominates a backfill's many short runs.
+    executor=dg.in_process_executor,
     resources={
         "warehouse": WarehouseResource(),
         "polygon": PolygonResource(

@@ -3,12 +3,32 @@
 from datetime import UTC, date, datetime
 
 import dagster as dg
+import psycopg
 
 from marketdata_pipeline import backfill_state, config, registry
 from marketdata_pipeline.assets import ALL_BARS_ASSETS
 from marketdata_pipeline.partitions import SYMBOL_DIMENSIONS, bars_partitions, months
 from marketdata_pipeline.resources import WarehouseResource
 from marketdata_pipeline.schedules import crypto_bars_refresh, stock_bars_refresh
+
+
+def active_symbols(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """The registry's active symbols, by symbol partition dimension."""
+    return {
+        dimension: registry.active_symbols(conn, classes)
+        for dimension, classes in SYMBOL_DIMENSIONS.items()
+    }
+
+
+def register_symbol_partitions(
+    instance: dg.DagsterInstance, conn: psycopg.Connection
+) -> dict[str, list[str]]:
+    """Add the registry's active symbols as partitions now, so a backfill can be launched
+    before the registry sensor's first tick; returns what was added."""
+    adds, _, added = partition_changes(instance, active_symbols(conn))
+    for request in adds:
+        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+    return added
 
 
 def partition_changes(
@@ -60,10 +80,7 @@ def symbol_registry_sensor(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource
 ) -> dg.SensorResult:
     with warehouse.connection() as conn:
-        active = {
-            dimension: registry.active_symbols(conn, classes)
-            for dimension, classes in SYMBOL_DIMENSIONS.items()
-        }
+        active = active_symbols(conn)
     adds, deletes, added = partition_changes(context.instance, active)
     runs = [
         run
