@@ -1,10 +1,12 @@
 """Ingest benchmark: the pipeline path against the database's own limit and the usual ways.
 
-    python scripts/bench.py [--symbols 8] [--months 12] [--sample 100000] [--json PATH]
+    python scripts/bench.py [--symbols 4] [--months 60] [--sample 100000] [--json PATH]
 
 In one run, on one machine, every loader below writes the same minute bars into the same
-`bars_minute` table of a fresh `marketdata_bench` database on the embedded PostgreSQL, which
-is emptied and checkpointed before each one:
+`bars_minute` table of a fresh `marketdata_bench` database on the embedded PostgreSQL (or on
+the server of DATABASE_URL, whose role must be able to create databases and CHECKPOINT); the
+table is emptied and checkpointed before each loader, and each must leave exactly the bars it
+was given:
 
 - the pipeline path: fetch from the Polygon simulator on loopback (its pages rendered before
   timing, so its own cost is excluded), decode, validate and load each (symbol, month)
@@ -13,7 +15,9 @@ is emptied and checkpointed before each one:
   first fast path), one INSERT per row with a commit each (how the old service loaded),
   executemany and pandas `to_sql`; the last three on the first `--sample` rows;
 - a Dagster backfill of months x symbols submitted through the web server's GraphQL API and
-  run by the daemon and run launcher of a real instance (`dagster dev`);
+  run by the daemon and run launcher of a real instance (`dagster dev`), timed from the
+  daemon creating its first run to the last run's end; the wait for the daemon to pick the
+  backfill up (it looks every 30 s) is reported apart;
 - the peak RSS of a ranged run of 5 years of one symbol's minute bars, in its own process.
 
 Prints a table of bars/s and ratios and writes it as JSON.
@@ -60,15 +64,6 @@ INSERT = (
     "INSERT INTO bars_minute (symbol, ts, open, high, low, close, volume, vwap, trades) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
-LAUNCH_BACKFILL = """
-mutation Launch($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on Error { message }
-  }
-}
-"""
 
 
 @dataclass
@@ -140,18 +135,10 @@ def wall(run: Callable[..., object], *args: object) -> float:
 def simulator_process() -> Iterator[str]:
     """The simulator in its own process on a free loopback port, keeping every page it renders."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "marketdata_pipeline",
-            "simulator",
-            *("--port", "0"),
-            "--cache-pages",
-            "100000",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+        [sys.executable, "-m", "marketdata_pipeline", "simulator", "--port", "0",
+         "--cache-pages", "100000"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         assert process.stdout is not None
         line = process.stdout.readline()  # "Polygon simulator (synthetic data) on URL"
@@ -238,6 +225,15 @@ def execute_many(url: str, rows: list[tuple]) -> None:
         cursor.executemany(INSERT, rows)
 
 
+def pandas_frame(frame: pl.DataFrame):
+    """The rows as pandas holds them (without pyarrow, which this project does not need)."""
+    import pandas as pd
+
+    columns = {name: frame[name].to_numpy() for name in frame.columns}
+    columns["ts"] = pd.to_datetime(columns["ts"], utc=True)
+    return pd.DataFrame(columns)
+
+
 def pandas_to_sql(url: str, frame) -> None:
     import sqlalchemy
 
@@ -258,42 +254,37 @@ def free_port() -> int:
 
 
 @contextmanager
-def dagster_instance(admin_url: str, env: dict[str, str], log: Path) -> Iterator[str]:
-    """`dagster dev` (web server, daemon, code server) on a fresh instance; yields its URL."""
+def dagster_dev(env: dict[str, str], log: Path) -> Iterator[Callable[..., dict]]:
+    """`dagster dev` (web server, daemon, code server) on `env`'s instance; yields a GraphQL
+    client: query(text, **variables) -> data."""
     port = free_port()
     with log.open("w") as output:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "dev",
-                "-w",
-                str(PROJECT_DIR / "workspace.yaml"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
-            cwd=env["DAGSTER_HOME"],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_DIR / "workspace.yaml"),
+             "-h", "127.0.0.1", "-p", str(port)],
+            cwd=env["DAGSTER_HOME"], env=env, stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+        )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}/graphql"
+
+    def query(text: str, **variables: object) -> dict:
+        reply = httpx.post(endpoint, json={"query": text, "variables": variables}, timeout=60)
+        body = reply.raise_for_status().json()
+        if body.get("errors"):
+            raise SystemExit(f"bench: Dagster GraphQL error: {body['errors']}")
+        return body["data"]
+
     try:
         deadline = time.monotonic() + 180
         while True:
             try:
-                if httpx.post(f"{url}/graphql", json={"query": "{ version }"}).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"bench: dagster dev did not come up; see {log}")
-            time.sleep(0.5)
-        yield url
+                query("{ version }")
+                break
+            except httpx.HTTPError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"bench: dagster dev did not come up; see {log}") from None
+                time.sleep(0.5)
+        yield query
     finally:
         os.killpg(process.pid, signal.SIGINT)
         try:
@@ -302,11 +293,30 @@ def dagster_instance(admin_url: str, env: dict[str, str], log: Path) -> Iterator
             os.killpg(process.pid, signal.SIGKILL)
 
 
+LAUNCH_BACKFILL = """
+mutation ($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on Error { message }
+  }
+}"""
+BACKFILL = """
+query ($id: String!) {
+  partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } }
+  runsOrError(filter: {tags: [{key: "dagster/backfill", value: $id}]}) {
+    ... on Runs { results { runId status creationTime startTime endTime } }
+  }
+}"""
+UNFINISHED = {"REQUESTED", "CANCELING", "FAILING"}
+
+
 def dagster_backfill(
     admin_url: str, url: str, base_url: str, symbols: list[str], months: list[date], work: Path
 ) -> dict[str, float | int]:
+    """Backfill `stock_minute_bars` for symbols x months as a user would from the UI; the
+    times of its runs, as Dagster recorded them."""
     import dagster as dg
-    from dagster._core.execution.backfill import BulkActionStatus
 
     from marketdata_pipeline.assets import partition_key
     from marketdata_pipeline.sensors import register_symbol_partitions
@@ -314,6 +324,7 @@ def dagster_backfill(
     home = work / "dagster"
     home.mkdir()
     shutil.copyfile(PROJECT_DIR / "dagster.yaml", home / "dagster.yaml")
+    dagster_url = db.psycopg2_url(fresh_database(admin_url, DAGSTER_DATABASE))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "DAGSTER_"))}
     env |= {
         "DATABASE_URL": url,
@@ -321,41 +332,35 @@ def dagster_backfill(
         "MARKETDATA_SIMULATED": "1",
         "MARKETDATA_HOME": str(work),
         "DAGSTER_HOME": str(home),
-        "DAGSTER_PG_URL": db.psycopg2_url(fresh_database(admin_url, DAGSTER_DATABASE)),
+        "DAGSTER_PG_URL": dagster_url,
     }
-    os.environ.update({k: env[k] for k in ("DAGSTER_HOME", "DAGSTER_PG_URL")})
+    os.environ["DAGSTER_PG_URL"] = dagster_url  # read by the instance config below
+    with dg.DagsterInstance.from_config(str(home)) as instance, db.connection(url) as conn:
+        register_symbol_partitions(instance, conn)
+
     keys = [str(partition_key(month, symbol)) for symbol in symbols for month in months]
-    with dg.DagsterInstance.get() as instance:
-        with db.connection(url) as conn:
-            register_symbol_partitions(instance, conn)
-        with dagster_instance(admin_url, env, work / "dagster-dev.log") as web:
-            params = {"assetSelection": [{"path": ["stock_minute_bars"]}], "partitionNames": keys}
-            submitted = time.time()
-            reply = httpx.post(
-                f"{web}/graphql",
-                json={"query": LAUNCH_BACKFILL, "variables": {"params": params}},
-                timeout=60,
-            ).json()
-            launched = reply.get("data", {}).get("launchPartitionBackfill", {})
-            if "backfillId" not in launched:
-                raise SystemExit(f"bench: the backfill was not launched: {reply}")
-            backfill_id = launched["backfillId"]
-            deadline = time.monotonic() + 1800
-            while instance.get_backfill(backfill_id).status == BulkActionStatus.REQUESTED:
-                if time.monotonic() > deadline:
-                    raise SystemExit("bench: the Dagster backfill did not finish in 30 minutes")
-                time.sleep(1)
-            status = instance.get_backfill(backfill_id).status
-            records = instance.get_run_records(
-                dg.RunsFilter(tags={"dagster/backfill": backfill_id})
-            )
-    failed = [r.dagster_run.run_id for r in records if not r.dagster_run.is_success]
-    if status != BulkActionStatus.COMPLETED_SUCCESS or failed:
-        raise SystemExit(f"bench: the Dagster backfill ended {status.value}; failed runs {failed}")
-    picked_up = min(r.create_timestamp.timestamp() for r in records)
-    finished = max(r.end_time for r in records if r.end_time)
+    params = {"assetSelection": [{"path": ["stock_minute_bars"]}], "partitionNames": keys}
+    with dagster_dev(env, work / "dagster-dev.log") as query:
+        submitted = time.time()
+        launched = query(LAUNCH_BACKFILL, params=params)["launchPartitionBackfill"]
+        if "backfillId" not in launched:
+            raise SystemExit(f"bench: the backfill was not launched: {launched}")
+        deadline = time.monotonic() + 1800
+        while (state := query(BACKFILL, id=launched["backfillId"]))["partitionBackfillOrError"][
+            "status"
+        ] in UNFINISHED:
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the Dagster backfill did not finish in 30 minutes")
+            time.sleep(1)
+    status = state["partitionBackfillOrError"]["status"]
+    runs = state["runsOrError"]["results"]
+    failed = [run["runId"] for run in runs if run["status"] != "SUCCESS"]
+    if status != "COMPLETED_SUCCESS" or failed:
+        raise SystemExit(f"bench: the backfill ended {status}, failed runs {failed}; see {work}")
+    picked_up = min(run["creationTime"] for run in runs)
+    finished = max(run["endTime"] for run in runs)
     return {
-        "runs": len(records),
+        "runs": len(runs),
         "partitions": len(keys),
         "waiting_for_daemon_seconds": picked_up - submitted,
         "first_run_to_last_end_seconds": finished - picked_up,
@@ -444,7 +449,7 @@ def main() -> None:
     symbols, months = stocks[: args.symbols], months_from(FIRST_MONTH, args.months)
     long_months = months_from(FIRST_MONTH, 60)
 
-    admin_url = embedded.start()
+    admin_url = config.database_url() or embedded.start()
     url = fresh_database(admin_url, BENCH_DATABASE)
     with db.connection(url) as conn:
         bootstrap(conn)
@@ -470,7 +475,7 @@ def main() -> None:
             .select(pg_binary.COPY_COLUMNS)
             .head(args.sample)
         )
-        rows, table, n = sample.rows(), sample.to_pandas(), sample.height
+        rows, table, n = sample.rows(), pandas_frame(sample), sample.height
         del frames, sample
 
         measure(

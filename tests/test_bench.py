@@ -1,0 +1,42 @@
+"""The ingest benchmark, on a small workload: every loader stores exactly the same bars (the
+script checks each count and exits non-zero otherwise) and the backfill runs through a real
+`dagster dev` instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import PROJECT_DIR
+
+
+@pytest.mark.slow
+def test_bench_runs_every_loader_and_a_dagster_backfill(pg_admin_url, tmp_path) -> None:
+    output = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "DAGSTER_"))}
+    env |= {"DATABASE_URL": pg_admin_url, "MARKETDATA_HOME": str(tmp_path)}
+    args = ["--symbols", "2", "--months", "3", "--sample", "2000", "--json", str(output)]
+    done = subprocess.run(
+        [sys.executable, "scripts/bench.py", *args],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(output.read_text())
+    methods = {r["method"]: r for r in figures["results"]}
+    assert len(methods) == 12 and all(r["bars_per_second"] > 0 for r in methods.values())
+    bars = figures["workload"]["bars"]
+    assert methods["pipeline path: fetch, decode, validate, load"]["bars"] == bars > 100_000
+    assert methods["one INSERT per row, commit each"]["bars"] == 2000
+    # Fewer symbols than months: Dagster makes one ranged run per symbol.
+    assert figures["dagster"]["runs"] == 2 and figures["dagster"]["partitions"] == 6
+    assert 1_100_000 < methods["ranged run of SPY, 5 years, own process"]["bars"] < 1_300_000
+    assert {t["name"] for t in figures["targets"]} >= {"pipeline / binary COPY"}
+    assert "pipeline / binary COPY" in done.stdout and "MiB" in done.stdout
