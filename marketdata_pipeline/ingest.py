@@ -9,13 +9,9 @@ range.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -23,6 +19,7 @@ import psycopg
 
 from marketdata_pipeline.market_calendar import NEW_YORK
 from marketdata_pipeline.polygon import PolygonClient, empty_bars
+from marketdata_pipeline.read_ahead import read_ahead
 from marketdata_pipeline.schemas import Validation, validate
 from marketdata_pipeline.symbols import polygon_ticker
 from marketdata_pipeline.warehouse import LoadResult, Window, replace_window
@@ -32,8 +29,6 @@ log = logging.getLogger(__name__)
 TIMESPANS = {"daily": "day", "minute": "minute"}
 # One validated month waits while another loads: memory stays at a few months and a page.
 READ_AHEAD_WINDOWS = 1
-_END = object()
-T = TypeVar("T")
 
 
 def month_start(day: date) -> date:
@@ -149,53 +144,3 @@ def _validated(
 ) -> FetchedWindow:
     raw = pl.concat(frames) if frames else empty_bars()
     return FetchedWindow(target, validate(raw, target.start, target.end), list(request_ids), pages)
-
-
-@contextmanager
-def read_ahead(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
-    """Iterate `items` in a worker thread, at most `depth` items ahead of the consumer.
-
-    The worker's exception is raised in the consumer after the items before it; leaving the
-    block early stops the worker and closes `items`.
-    """
-    slots: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(slot: tuple[object, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(slot, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((_END, None))
-        except BaseException as error:  # re-raised in the consumer's thread
-            put((_END, error))
-        finally:
-            close = getattr(items, "close", None)
-            if close:
-                close()
-
-    def consume() -> Iterator[T]:
-        while True:
-            item, error = slots.get()
-            if item is _END:
-                if error is not None:
-                    raise error
-                return
-            yield item  # type: ignore[misc]
-
-    worker = threading.Thread(target=work, name="ingest-read-ahead", daemon=True)
-    worker.start()
-    try:
-        yield consume()
-    finally:
-        stop.set()
-        worker.join()

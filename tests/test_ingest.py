@@ -36,7 +36,7 @@ def loaded_months(conn) -> list[date]:
 
 
 def read_ahead_workers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "ingest-read-ahead"]
+    return [t for t in threading.enumerate() if t.name == "read-ahead"]
 
 
 def test_a_failure_mid_stream_keeps_the_months_before_it_and_is_raised(conn) -> None:
