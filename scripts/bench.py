@@ -435,6 +435,11 @@ def print_report(about: dict, results: list[Result], targets: list[dict], notes:
         print(f"\n{note}")
 
 
+def target(name: str, ratio: float, wanted: str, bound: float, *, larger: bool) -> dict:
+    figure = f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.0f}x"
+    return {"name": name, "figure": figure, "target": wanted, "met": (ratio >= bound) == larger}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     stocks = [s.symbol for s in config.DEFAULT_SYMBOLS if s.asset_class != "crypto"]
@@ -585,11 +590,6 @@ def main() -> None:
     }
     output.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"\nfigures written to {output}")
-
-
-def target(name: str, ratio: float, wanted: str, bound: float, *, larger: bool) -> dict:
-    figure = f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.0f}x"
-    return {"name": name, "figure": figure, "target": wanted, "met": (ratio >= bound) == larger}
 
 
 if __name__ == "__main__":
