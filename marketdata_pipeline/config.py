@@ -7,10 +7,19 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from marketdata_pipeline.domain import AssetClass
 from marketdata_pipeline.errors import ConfigError
 
 POLYGON_OFFICIAL_BASE_URL = "https://api.polygon.io"
 DEFAULT_HISTORY_START = date(2020, 1, 1)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def shipped_path(name: str) -> Path:
+    """A file or folder kept at the project's top level and shipped in the wheel (`sql`,
+    `dagster.yaml`): inside the package when installed, beside it in a source checkout."""
+    installed = _PACKAGE_DIR / name
+    return installed if installed.exists() else _PACKAGE_DIR.parent / name
 
 
 def marketdata_home() -> Path:
@@ -58,19 +67,19 @@ def history_start() -> date:
 @dataclass(frozen=True)
 class SeedSymbol:
     symbol: str
-    asset_class: str
+    asset_class: AssetClass
 
 
 DEFAULT_SYMBOLS: tuple[SeedSymbol, ...] = (
     *(
-        SeedSymbol(s, "stock")
+        SeedSymbol(s, AssetClass.STOCK)
         for s in (
             *("AAPL", "MSFT", "GOOGL", "AMZN", "NVDA", "TSLA", "META", "NFLX"),
             *("AMD", "INTC", "PYPL", "SQ", "ROKU", "MSTR", "SOFI"),
         )
     ),
-    *(SeedSymbol(s, "etf") for s in ("SPY", "QQQ")),
-    *(SeedSymbol(s, "crypto") for s in ("BTC", "ETH", "SOL")),
+    *(SeedSymbol(s, AssetClass.ETF) for s in ("SPY", "QQQ")),
+    *(SeedSymbol(s, AssetClass.CRYPTO) for s in ("BTC", "ETH", "SOL")),
 )
 
 

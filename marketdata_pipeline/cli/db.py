@@ -1,0 +1,68 @@
+"""`marketdata db ...` and `marketdata bootstrap`: migrations and the state of the warehouse."""
+
+from __future__ import annotations
+
+import click
+
+from marketdata_pipeline import config
+from marketdata_pipeline.cli.common import print_bootstrap, warehouse
+from marketdata_pipeline.errors import ConfigError
+from marketdata_pipeline.warehouse import embedded, migrations
+from marketdata_pipeline.warehouse.bootstrap import bootstrap
+from marketdata_pipeline.warehouse.connection import connection, describe
+from marketdata_pipeline.warehouse.status import status
+
+
+@click.group("db")
+def db_group() -> None:
+    """Migrations and the state of the warehouse."""
+
+
+@db_group.command("migrate")
+def db_migrate() -> None:
+    """Apply pending SQL migrations (safe to run concurrently)."""
+    with warehouse() as conn:
+        applied = migrations.migrate(conn)
+    for name in applied:
+        click.echo(f"applied {name}")
+    if not applied:
+        click.echo("schema up to date: nothing to apply")
+
+
+@db_group.command("status")
+def db_status() -> None:
+    """Applied migrations, engine (TimescaleDB or plain PostgreSQL) and row counts."""
+    url = embedded.warehouse_url()
+    with connection(url) as conn:
+        report = status(conn)
+    engine = (
+        f"TimescaleDB {report.timescaledb_version}"
+        if report.timescaledb_version
+        else "PostgreSQL (no TimescaleDB: plain tables and views)"
+    )
+    click.echo(f"warehouse: {describe(url)}")
+    click.echo(f"engine:    {engine}")
+    click.echo("migrations:")
+    for m in report.applied:
+        click.echo(f"  {m.version:03d}  {m.name:<40} {m.applied_at:%Y-%m-%d %H:%M:%S}Z")
+    for name in report.pending:
+        click.echo(f"  ---  {name:<40} pending")
+    click.echo("rows:")
+    for table, count in report.row_counts.items():
+        click.echo(f"  {table:<20} {'(missing)' if count is None else f'{count:>12,}'}")
+
+
+@db_group.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL server (data is kept under MARKETDATA_HOME)."""
+    if config.database_url():
+        raise ConfigError("DATABASE_URL is set: there is no embedded server to stop")
+    stopped = embedded.stop()
+    click.echo("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL not running")
+
+
+@click.command("bootstrap")
+def bootstrap_command() -> None:
+    """Migrate, verify the schema, create the admin API key and seed the default symbols."""
+    with warehouse() as conn:
+        print_bootstrap(bootstrap(conn))

@@ -1,0 +1,68 @@
+"""`marketdata keys ...`: API keys; the raw key is shown once, only its SHA-256 is stored."""
+
+from __future__ import annotations
+
+import click
+
+from marketdata_pipeline.cli.common import table, warehouse, when
+from marketdata_pipeline.registry import api_keys
+
+
+@click.group("keys")
+def keys_group() -> None:
+    """API keys: the raw key is shown once, only its SHA-256 is stored."""
+
+
+@keys_group.command("create")
+@click.argument("name")
+def keys_create(name: str) -> None:
+    """Create a key for NAME and print it once."""
+    with warehouse() as conn:
+        key, raw = api_keys.create(conn, name)
+    click.echo(f"created key {key.id} ({key.name}); shown once, store it now:")
+    click.echo(raw)
+
+
+@keys_group.command("list")
+def keys_list() -> None:
+    """Every key (never its hash)."""
+    with warehouse() as conn:
+        keys = api_keys.list_keys(conn)
+    table(
+        ["ID", "NAME", "ACTIVE", "CREATED", "LAST USED", "ENDPOINT", "REQUESTS"],
+        [
+            [k.id, k.name, "yes" if k.active else "revoked", when(k.created_at),
+             when(k.last_used), k.last_used_endpoint or "", k.request_count]
+            for k in keys
+        ],
+    )  # fmt: skip
+
+
+def _key_action(action: str, verb: str) -> click.Command:
+    @keys_group.command(action, help=f"{verb.capitalize()} the key with id KEY_ID.")
+    @click.argument("key_id", type=int)
+    def command(key_id: int) -> None:
+        with warehouse() as conn:
+            getattr(api_keys, action)(conn, key_id)
+        click.echo(f"{verb} key {key_id}")
+
+    return command
+
+
+keys_revoke = _key_action("revoke", "revoked")
+keys_restore = _key_action("restore", "restored")
+keys_delete = _key_action("delete", "deleted")
+
+
+@keys_group.command("audit")
+@click.option("--key", "key_id", type=int, help="Only this key's uses.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
+def keys_audit(key_id: int | None, limit: int, offset: int) -> None:
+    """The audit log, newest first."""
+    with warehouse() as conn:
+        entries = api_keys.audit(conn, key_id=key_id, limit=limit, offset=offset)
+    table(
+        ["ID", "KEY", "METHOD", "ENDPOINT", "STATUS", "TIME"],
+        [[e.id, e.key_id, e.method, e.endpoint, e.status_code, when(e.timestamp)] for e in entries],
+    )

@@ -1,0 +1,115 @@
+"""`marketdata ui`: bootstrap the warehouse, then run the Dagster UI and daemon.
+
+Dagster is imported inside the command, so the other commands start without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from marketdata_pipeline import config
+from marketdata_pipeline.cli.common import print_bootstrap
+from marketdata_pipeline.errors import ConfigError
+from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.warehouse import embedded
+from marketdata_pipeline.warehouse.bootstrap import bootstrap
+from marketdata_pipeline.warehouse.connection import (
+    connection,
+    describe,
+    psycopg2_url,
+    with_database,
+)
+
+DEMO_DATABASE = "marketdata_demo"
+
+
+@click.command("ui")
+@click.option("--port", default=3000, show_default=True, help="Port of the Dagster web UI.")
+def ui_command(port: int) -> None:
+    """Bootstrap the warehouse and run the Dagster UI and daemon on 127.0.0.1.
+
+    Without POLYGON_API_KEY (and POLYGON_BASE_URL) this is the offline demo: bars come from
+    the built-in simulator and go to their own embedded database, `marketdata_demo`.
+    """
+    simulated = not os.environ.get("POLYGON_API_KEY") and not os.environ.get("POLYGON_BASE_URL")
+    if simulated and config.database_url():
+        raise ConfigError(
+            "POLYGON_API_KEY is not set: the offline demo writes synthetic bars only to its "
+            "own embedded database; unset DATABASE_URL or set POLYGON_API_KEY"
+        )
+    started_embedded = not config.database_url() and not embedded.is_running()
+    url = embedded.warehouse_url(DEMO_DATABASE if simulated else "marketdata")
+    with connection(url) as conn:
+        print_bootstrap(bootstrap(conn))
+    dagster_home = _dagster_instance(url, simulated)
+    server = _start_demo_simulator() if simulated else None
+    _register_symbol_partitions(url)
+    click.echo(f"Dagster UI: http://127.0.0.1:{port}  (warehouse {describe(url)})")
+    try:
+        subprocess.run(
+            [
+                sys.executable, "-m", "dagster", "dev",
+                "-w", str(config.shipped_path("workspace.yaml")),
+                "-h", "127.0.0.1", "-p", str(port),
+            ],
+            cwd=dagster_home,
+            check=False,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server:
+            server.shutdown()
+        if started_embedded:
+            embedded.stop()
+            click.echo("embedded PostgreSQL stopped")
+
+
+def _dagster_instance(url: str, simulated: bool) -> Path:
+    """Set up the Dagster home (instance config, storage URL) in this process's environment,
+    which the instance below and `dagster dev` both read; returns the home."""
+    dagster_url = os.environ.get("DAGSTER_PG_URL")
+    if not dagster_url:
+        dagster_db = "dagster_demo" if simulated else "dagster"
+        embedded.ensure_database(url, dagster_db)
+        dagster_url = with_database(url, dagster_db)
+    dagster_home = config.marketdata_home() / ("dagster_demo" if simulated else "dagster")
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config.shipped_path("dagster.yaml"), dagster_home / "dagster.yaml")
+    os.environ.update(
+        {
+            "DATABASE_URL": url,
+            "DAGSTER_PG_URL": psycopg2_url(dagster_url),
+            "DAGSTER_HOME": str(dagster_home),
+        }
+    )
+    return dagster_home
+
+
+def _start_demo_simulator() -> SimulatorHTTPServer:
+    server = serve(Simulator(cache_pages=32))
+    os.environ.update({"POLYGON_BASE_URL": server.url, "MARKETDATA_SIMULATED": "1"})
+    click.echo(
+        f"OFFLINE DEMO: no POLYGON_API_KEY, so bars come from the Polygon simulator at "
+        f"{server.url} (synthetic data) into the embedded database {DEMO_DATABASE}"
+    )
+    return server
+
+
+def _register_symbol_partitions(url: str) -> None:
+    """Partitions for the registry's symbols before the UI opens, so a backfill can be
+    launched before the registry sensor's first tick."""
+    import dagster as dg
+
+    from marketdata_pipeline.defs.sensors import register_symbol_partitions
+
+    with dg.DagsterInstance.get() as instance, connection(url) as conn:
+        added = register_symbol_partitions(instance, conn)
+    if added:
+        click.echo(f"registered symbol partitions: {added}")

@@ -1,0 +1,65 @@
+"""Thin Dagster resources over the core: configuration in, core objects out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import psycopg
+from pydantic import Field
+
+from marketdata_pipeline.config import POLYGON_OFFICIAL_BASE_URL
+from marketdata_pipeline.polygon.client import PolygonClient, RetryPolicy
+from marketdata_pipeline.warehouse import embedded
+from marketdata_pipeline.warehouse.connection import connection as open_connection
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The PostgreSQL / TimescaleDB warehouse.
+
+    The URL is read from DATABASE_URL when the resource is used, not stored in its config, so
+    a password never shows in the UI's resource view; unset, the embedded server is used.
+    """
+
+    def url(self) -> str:
+        return embedded.warehouse_url()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        with open_connection(self.url()) as conn:
+            yield conn
+
+
+class PolygonResource(dg.ConfigurableResource):
+    """Polygon's aggregates API (or the offline simulator at `base_url`)."""
+
+    api_key: str | None = Field(
+        default=None, description="Sent only as `Authorization: Bearer`; use EnvVar."
+    )
+    base_url: str = Field(default=POLYGON_OFFICIAL_BASE_URL, description="Polygon's base URL.")
+    max_requests_per_minute: int | None = Field(
+        default=None, description="Client-side limit per process (5 on the free plan)."
+    )
+    retry_attempts: int = Field(default=6, description="Attempts per request (429, 5xx).")
+    retry_max_seconds: float = Field(
+        default=120.0, description="Give up on a request after this long, retries included."
+    )
+    simulated: bool = Field(
+        default=False, description="True when base_url is the offline simulator (synthetic bars)."
+    )
+
+    def source_label(self) -> str:
+        if self.simulated:
+            return f"Polygon simulator at {self.base_url} (synthetic bars)"
+        return f"Polygon at {self.base_url}"
+
+    def client(self) -> PolygonClient:
+        return PolygonClient(
+            self.api_key,
+            self.base_url,
+            max_requests_per_minute=self.max_requests_per_minute,
+            retry=RetryPolicy(
+                max_attempts=self.retry_attempts, max_total_seconds=self.retry_max_seconds
+            ),
+        )

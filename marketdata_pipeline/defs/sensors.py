@@ -1,0 +1,276 @@
+"""Sensors: the registry drives the symbol partitions; bars runs drive backfill state."""
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Literal
+
+import dagster as dg
+import psycopg
+
+from marketdata_pipeline import config
+from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, BarsAsset
+from marketdata_pipeline.defs.partitions import month_and_symbol, months
+from marketdata_pipeline.defs.resources import WarehouseResource
+from marketdata_pipeline.defs.schedules import REFRESH_JOBS
+from marketdata_pipeline.domain import Market
+from marketdata_pipeline.registry import backfill_state
+from marketdata_pipeline.registry.symbols import active_symbols
+
+
+def active_symbols_by_market(conn: psycopg.Connection) -> dict[Market, list[str]]:
+    return {market: active_symbols(conn, market) for market in Market}
+
+
+def register_symbol_partitions(
+    instance: dg.DagsterInstance, conn: psycopg.Connection
+) -> dict[str, list[str]]:
+    """Add the registry's active symbols as partitions now, so a backfill can be launched
+    before the registry sensor's first tick; returns what was added, by dimension."""
+    adds, _, added = partition_changes(instance, active_symbols_by_market(conn))
+    for request in adds:
+        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+    return _by_dimension(added)
+
+
+def partition_changes(
+    instance: dg.DagsterInstance, active: dict[Market, list[str]]
+) -> tuple[
+    list[dg.AddDynamicPartitionsRequest],
+    list[dg.DeleteDynamicPartitionsRequest],
+    dict[Market, list[str]],
+]:
+    """Requests that make each market's symbol partitions equal its active symbols."""
+    adds, deletes = [], []
+    added: dict[Market, list[str]] = {}
+    for market, symbols in active.items():
+        dimension = market.symbol_dimension
+        current = set(instance.get_dynamic_partitions(dimension))
+        new = [s for s in symbols if s not in current]
+        gone = sorted(current - set(symbols))
+        if new:
+            adds.append(dg.AddDynamicPartitionsRequest(dimension, new))
+            added[market] = new
+        if gone:
+            deletes.append(dg.DeleteDynamicPartitionsRequest(dimension, gone))
+    return adds, deletes, added
+
+
+def history_backfill(market: Market, symbol: str) -> list[dg.RunRequest]:
+    """One ranged run per bars asset of the symbol's market, over the whole history."""
+    keys = months().get_partition_keys()
+    return [
+        dg.RunRequest(
+            run_key=f"history|{spec.name}|{symbol}",
+            job_name=REFRESH_JOBS[market].name,
+            asset_selection=[dg.AssetKey(spec.name)],
+            tags={
+                "dagster/asset_partition_range_start": f"{keys[0]}|{symbol}",
+                "dagster/asset_partition_range_end": f"{keys[-1]}|{symbol}",
+                "marketdata/trigger": "new symbol",
+            },
+        )
+        for spec in ALL_BARS_ASSETS
+        if spec.market is market
+    ]
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Keeps the stock_symbols / crypto_symbols partitions equal to the active "
+    f"symbols of tracked_symbols, and backfills history from {config.history_start():%Y-%m} "
+    "for each newly added symbol.",
+    jobs=list(REFRESH_JOBS.values()),
+)
+def symbol_registry_sensor(
+    context: dg.SensorEvaluationContext, warehouse: WarehouseResource
+) -> dg.SensorResult:
+    with warehouse.connection() as conn:
+        active = active_symbols_by_market(conn)
+    adds, deletes, added = partition_changes(context.instance, active)
+    runs = [
+        run
+        for market, symbols in added.items()
+        for symbol in symbols
+        for run in history_backfill(market, symbol)
+    ]
+    if adds or deletes:
+        context.log.info(
+            f"partitions: added {_by_dimension(added)}, "
+            f"removed {[d.partition_keys for d in deletes]}"
+        )
+    return dg.SensorResult(
+        run_requests=runs,
+        dynamic_partitions_requests=[*adds, *deletes],
+        skip_reason=None if adds or deletes else "partitions already match the registry",
+    )
+
+
+def _by_dimension(symbols: dict[Market, list[str]]) -> dict[str, list[str]]:
+    return {market.symbol_dimension: names for market, names in symbols.items()}
+
+
+BARS_ASSETS: dict[str, BarsAsset] = {spec.name: spec for spec in ALL_BARS_ASSETS}
+RUN_EVENTS: tuple[
+    Literal[
+        dg.DagsterEventType.RUN_START,
+        dg.DagsterEventType.RUN_SUCCESS,
+        dg.DagsterEventType.RUN_FAILURE,
+    ],
+    ...,
+] = (
+    dg.DagsterEventType.RUN_START,
+    dg.DagsterEventType.RUN_SUCCESS,
+    dg.DagsterEventType.RUN_FAILURE,
+)
+EVENTS_PER_TICK = 200
+
+
+def run_partitions(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dict[str, Sequence[str]]:
+    """Bars asset -> the partition keys the run targets (single key or a range); {} if none."""
+    selected = [key.to_user_string() for key in run.asset_selection or ()]
+    if not selected:  # a whole-job run: the assets it planned say what it targets
+        planned = instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
+        ).records
+        planned_keys = [r.event_log_entry.dagster_event for r in planned]
+        selected = [e.asset_key.to_user_string() for e in planned_keys if e and e.asset_key]
+    assets = [a for a in dict.fromkeys(selected) if a in BARS_ASSETS]
+    if not assets:
+        return {}
+    tags = run.tags
+    if "dagster/partition" in tags:
+        return {asset: [tags["dagster/partition"]] for asset in assets}
+    start = tags.get("dagster/asset_partition_range_start")
+    end = tags.get("dagster/asset_partition_range_end")
+    if not (start and end):
+        return {}
+    return {
+        asset: BARS_ASSETS[asset].partitions.get_partition_keys_in_range(
+            dg.PartitionKeyRange(start, end), dynamic_partitions_store=instance
+        )
+        for asset in assets
+    }
+
+
+def window_states(
+    instance: dg.DagsterInstance, event: dg.EventLogEntry
+) -> list[backfill_state.WindowState]:
+    run = instance.get_run_by_id(event.run_id)
+    if run is None:
+        return []
+    targets = run_partitions(instance, run)
+    if not targets:
+        return []
+    record = instance.get_run_record_by_id(run.run_id)
+    started = _utc(record.start_time if record and record.start_time else event.timestamp)
+    at = _utc(event.timestamp)
+    kind = event.dagster_event_type
+    loaded: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+    error = None
+    if kind != dg.DagsterEventType.RUN_START:
+        loaded = _loaded_windows(instance, run.run_id)
+    if kind == dg.DagsterEventType.RUN_FAILURE:
+        error = _failure_message(instance, run.run_id, event)
+    states = []
+    for asset, keys in targets.items():
+        for key in keys:
+            month, symbol = month_and_symbol(BARS_ASSETS[asset].partitions, key)
+            rows = loaded.get((asset, key))
+            if kind == dg.DagsterEventType.RUN_START:
+                status, finished = "in_progress", None
+            else:
+                status, finished = ("completed" if rows else "failed"), at
+            states.append(
+                backfill_state.WindowState(
+                    asset=asset,
+                    symbol=symbol,
+                    month=month,
+                    status=status,
+                    run_id=run.run_id,
+                    started_at=started,
+                    finished_at=finished,
+                    rows_loaded=rows[0] if rows else None,
+                    rows_rejected=rows[1] if rows else None,
+                    error=None if status != "failed" else error or "run failed",
+                )
+            )
+    return states
+
+
+def _loaded_windows(
+    instance: dg.DagsterInstance, run_id: str
+) -> dict[tuple[str, str], tuple[int | None, int | None]]:
+    loaded = {}
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    for record in records:
+        materialization = record.event_log_entry.asset_materialization
+        if materialization is None or materialization.partition is None:
+            continue
+        metadata = materialization.metadata
+        loaded[(materialization.asset_key.to_user_string(), materialization.partition)] = (
+            _int(metadata.get("rows_loaded")),
+            _int(metadata.get("rows_rejected")),
+        )
+    return loaded
+
+
+def _failure_message(instance: dg.DagsterInstance, run_id: str, event: dg.EventLogEntry) -> str:
+    steps = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    for record in steps:
+        step_event = record.event_log_entry.dagster_event
+        error = getattr(step_event.event_specific_data, "error", None) if step_event else None
+        if error is not None:
+            return error.message.strip().splitlines()[0][:500]
+    return (event.message or "run failed")[:500]
+
+
+def _int(value: object) -> int | None:
+    raw = getattr(value, "value", value)
+    return int(raw) if isinstance(raw, int | float) else None
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Writes backfill_state per (asset, symbol, month) on run STARTED, SUCCESS and "
+    "FAILURE of the bars runs, and rolls it up onto tracked_symbols (backfill_status, "
+    "last_backfill, backfill_error). Reads the event log from a persisted cursor, so runs "
+    "before its first tick or during a daemon restart are not lost.",
+)
+def backfill_status_sensor(
+    context: dg.SensorEvaluationContext, warehouse: WarehouseResource
+) -> dg.SkipReason | None:
+    after = int(context.cursor) if context.cursor else 0
+    events: list[dg.EventLogRecord] = []
+    safe_until = None
+    for kind in RUN_EVENTS:
+        records = context.instance.fetch_run_status_changes(
+            dg.RunStatusChangeRecordsFilter(event_type=kind, after_storage_id=after),
+            limit=EVENTS_PER_TICK,
+            ascending=True,
+        ).records
+        events += records
+        if len(records) == EVENTS_PER_TICK:  # more of this kind wait beyond its last id
+            last = records[-1].storage_id
+            safe_until = last if safe_until is None else min(safe_until, last)
+    if not events:
+        return dg.SkipReason("no new bars runs")
+    events.sort(key=lambda r: r.storage_id)
+    with warehouse.connection() as conn:
+        for record in events:
+            try:
+                states = window_states(context.instance, record.event_log_entry)
+                if states:
+                    backfill_state.record(conn, states)
+            except Exception as error:  # an odd run must never stop the sensor
+                context.log.warning(f"skipped run {record.event_log_entry.run_id}: {error!r}")
+    newest = events[-1].storage_id
+    context.update_cursor(str(newest if safe_until is None else min(newest, safe_until)))
+    return None

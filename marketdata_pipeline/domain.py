@@ -1,0 +1,179 @@
+"""The vocabulary of the pipeline: markets and asset classes, timeframes, symbols, the bar
+schema, and the (symbol, month) windows that are fetched and loaded as a unit.
+
+Whatever differs between stocks and crypto, or between daily and minute bars, is a property
+here, so no other module asks "is this crypto?".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+import polars as pl
+
+from marketdata_pipeline.errors import ConfigError
+
+
+class Market(StrEnum):
+    """Where a symbol trades; it fixes the time zone, the calendar and the provider ticker."""
+
+    STOCK = "stock"  # US stocks and ETFs: NYSE sessions, New York time, extended hours
+    CRYPTO = "crypto"  # pairs against USD: every day, UTC
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """Days (and so months) of this market begin at midnight in this zone."""
+        return ZoneInfo("America/New_York" if self is Market.STOCK else "UTC")
+
+    @property
+    def exchange_calendar(self) -> str | None:
+        """The exchange-calendars name of its sessions; None when it trades every day."""
+        return "XNYS" if self is Market.STOCK else None
+
+    @property
+    def minutes_per_day(self) -> int:
+        """Minute bars a full day can hold: 04:00-20:00 New York for stocks, 24 h for crypto."""
+        return 16 * 60 if self is Market.STOCK else 24 * 60
+
+    @property
+    def asset_classes(self) -> tuple[AssetClass, ...]:
+        return tuple(c for c in AssetClass if c.market is self)
+
+    @property
+    def symbol_dimension(self) -> str:
+        """The dynamic partitions of its symbols: `stock_symbols` or `crypto_symbols`."""
+        return f"{self.value}_symbols"
+
+    def provider_ticker(self, symbol: str) -> str:
+        """Polygon's ticker for a registry symbol: crypto `BTC` is fetched as `X:BTCUSD`."""
+        symbol = normalize_symbol(symbol)
+        return f"X:{symbol}{CRYPTO_QUOTE_CURRENCY}" if self is Market.CRYPTO else symbol
+
+    @classmethod
+    def of_provider_ticker(cls, ticker: str) -> Market:
+        return cls.CRYPTO if ticker.startswith("X:") else cls.STOCK
+
+
+CRYPTO_QUOTE_CURRENCY = "USD"
+
+
+class AssetClass(StrEnum):
+    """A registry symbol's class (`tracked_symbols.asset_class`). ETFs trade as stocks."""
+
+    STOCK = "stock"
+    ETF = "etf"
+    CRYPTO = "crypto"
+
+    @property
+    def market(self) -> Market:
+        return Market.CRYPTO if self is AssetClass.CRYPTO else Market.STOCK
+
+    @classmethod
+    def parse(cls, raw: str) -> AssetClass:
+        try:
+            return cls(raw.strip().lower())
+        except ValueError:
+            expected = ", ".join(cls)
+            raise ConfigError(f"invalid asset class {raw!r}: expected one of {expected}") from None
+
+
+class Timeframe(StrEnum):
+    """A bar size this pipeline keeps: the `daily` of `stock_daily_bars`, `bars_daily` and
+    `bars_rejected.timeframe` alike."""
+
+    DAILY = "daily"
+    MINUTE = "minute"
+
+    @property
+    def table(self) -> str:
+        return f"bars_{self.value}"
+
+    @property
+    def timespan(self) -> str:
+        """The provider's word for it in aggregates URLs."""
+        return "day" if self is Timeframe.DAILY else "minute"
+
+
+# Upper-case ticker: a letter, then letters, digits or a class dot (BRK.B), 12 at most.
+SYMBOL_PATTERN = re.compile(r"^[A-Z][A-Z0-9.]{0,11}$")
+
+
+class InvalidSymbol(ConfigError):
+    pass
+
+
+def normalize_symbol(symbol: str) -> str:
+    """The registry form of a symbol (upper case), or InvalidSymbol naming it."""
+    candidate = symbol.strip().upper()
+    if not SYMBOL_PATTERN.fullmatch(candidate):
+        shown = symbol if len(symbol) <= 40 else symbol[:40] + "..."
+        raise InvalidSymbol(
+            f"invalid symbol {shown!r}: expected 1-12 letters, digits or '.', "
+            "starting with a letter"
+        )
+    return candidate
+
+
+# The bar data contract: what the provider client returns, validation checks and loading writes.
+BAR_SCHEMA = pl.Schema(
+    {
+        "ts": pl.Datetime("ms", "UTC"),  # window start
+        "open": pl.Float64(),
+        "high": pl.Float64(),
+        "low": pl.Float64(),
+        "close": pl.Float64(),
+        "volume": pl.Float64(),  # double: crypto volume is fractional
+        "vwap": pl.Float64(),  # optional on the provider
+        "trades": pl.Int64(),  # optional on the provider
+    }
+)
+
+
+def empty_bars() -> pl.DataFrame:
+    return BAR_SCHEMA.to_frame()
+
+
+def next_month(month: date) -> date:
+    return (month.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+def last_day_of_month(month: date) -> date:
+    return next_month(month) - timedelta(days=1)
+
+
+def contiguous_runs(months: Iterable[date]) -> list[list[date]]:
+    """[Jan, Feb, Apr] -> [[Jan, Feb], [Apr]]."""
+    runs: list[list[date]] = []
+    for month in sorted(set(months)):
+        if runs and next_month(runs[-1][-1]) == month:
+            runs[-1].append(month)
+        else:
+            runs.append([month])
+    return runs
+
+
+@dataclass(frozen=True)
+class Window:
+    """The bars of one symbol in one month of its market, as [start, end) in UTC."""
+
+    timeframe: Timeframe
+    symbol: str
+    month: date
+    start: datetime
+    end: datetime
+
+    @classmethod
+    def of_month(cls, market: Market, timeframe: Timeframe, symbol: str, month: date) -> Window:
+        def midnight(day: date) -> datetime:
+            return datetime.combine(day, time(0), market.zone).astimezone(UTC)
+
+        return cls(timeframe, symbol, month, midnight(month), midnight(next_month(month)))
+
+    @property
+    def last_day(self) -> date:
+        return last_day_of_month(self.month)

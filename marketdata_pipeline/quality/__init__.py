@@ -1,0 +1,1 @@
+"""Quality of bars: validation rules (Pandera), coverage measures and trading calendars."""

@@ -1,0 +1,1 @@
+"""What the pipeline tracks: symbols, API keys, per-window backfill state, statistics."""

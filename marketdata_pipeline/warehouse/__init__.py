@@ -1,0 +1,1 @@
+"""The warehouse: connections, the embedded server, migrations, exact window loads, status."""
