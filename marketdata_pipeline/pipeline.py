@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -53,8 +53,9 @@ def ingest(
     symbol: str,
     months: Sequence[date],
     run_id: str | None = None,
-) -> Iterator[WindowOutcome]:
+) -> Generator[WindowOutcome, None, None]:
     """Fetch, validate and load each month of `months`; yields each as it is loaded.
+    Closing the generator early stops the read-ahead worker; nothing more is loaded.
 
     Fetching and validating run one window ahead in a worker thread, so the next month is
     being fetched while the database writes this one (measured by `scripts/bench.py`).

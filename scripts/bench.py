@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from multiprocessing import get_context
 from pathlib import Path
@@ -48,17 +48,21 @@ import httpx
 import polars as pl
 from psycopg import sql
 
-from marketdata_pipeline import config, db, embedded, pg_binary
-from marketdata_pipeline.bootstrap import bootstrap
-from marketdata_pipeline.ingest import fetch_windows, ingest, next_month
-from marketdata_pipeline.polygon import PolygonClient
-from marketdata_pipeline.warehouse import copy_bars, replace_window
+from marketdata_pipeline import config
+from marketdata_pipeline.domain import Market, Timeframe, next_month
+from marketdata_pipeline.pipeline import fetch_windows, ingest
+from marketdata_pipeline.polygon.client import PolygonClient
+from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse import embedded, pg_binary
+from marketdata_pipeline.warehouse.bootstrap import bootstrap
+from marketdata_pipeline.warehouse.loading import copy_bars, replace_window
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BENCH_DATABASE, DAGSTER_DATABASE = "marketdata_bench", "dagster_bench"
 FIRST_MONTH = config.DEFAULT_HISTORY_START  # 2020-01: the history a new symbol is given
 MAX_MONTHS = 72
 LONG_RUN_SYMBOL = "SPY"  # not among the first symbols, so its pages are its own
+PIPELINE = "pipeline path: fetch, decode, validate, load"
 TABLE = sql.Identifier("bars_minute")
 INSERT = (
     "INSERT INTO bars_minute (symbol, ts, open, high, low, close, volume, vwap, trades) "
@@ -110,7 +114,8 @@ def empty_table(url: str) -> None:
 
 def stored_bars(url: str) -> int:
     with db.connection(url) as conn:
-        return conn.execute("SELECT count(*) FROM bars_minute").fetchone()[0]
+        [(count,)] = conn.execute("SELECT count(*) FROM bars_minute").fetchall()
+        return count
 
 
 def timed(url: str, expected: int, load: Callable[..., object], *args: object) -> float:
@@ -164,7 +169,12 @@ def pipeline(url: str, base_url: str, symbols: list[str], months: list[date]) ->
             outcome.load.rows_loaded
             for symbol in symbols
             for outcome in ingest(
-                client, conn, asset_class="stock", timeframe="minute", symbol=symbol, months=months
+                client,
+                conn,
+                market=Market.STOCK,
+                timeframe=Timeframe.MINUTE,
+                symbol=symbol,
+                months=months,
             )
         )
 
@@ -175,7 +185,11 @@ def fetch_and_validate(base_url: str, symbols: list[str], months: list[date]) ->
             part
             for symbol in symbols
             for part in fetch_windows(
-                client, asset_class="stock", timeframe="minute", symbol=symbol, months=months
+                client,
+                market=Market.STOCK,
+                timeframe=Timeframe.MINUTE,
+                symbol=symbol,
+                months=months,
             )
         ]
 
@@ -318,8 +332,8 @@ def dagster_backfill(
     times of its runs, as Dagster recorded them."""
     import dagster as dg
 
-    from marketdata_pipeline.assets import partition_key
-    from marketdata_pipeline.sensors import register_symbol_partitions
+    from marketdata_pipeline.defs.partitions import partition_key
+    from marketdata_pipeline.defs.sensors import register_symbol_partitions
 
     home = work / "dagster"
     home.mkdir()
@@ -400,7 +414,7 @@ def machine(url: str) -> dict[str, object]:
         cpu = names[0].split(":", 1)[1].strip() if names else cpu
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     with db.connection(url) as conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
+        [(version,)] = conn.execute("SHOW server_version").fetchall()
         settings = ", ".join(
             f"{name}={value}"
             for name, value in conn.execute(
@@ -440,9 +454,24 @@ def target(name: str, ratio: float, wanted: str, bound: float, *, larger: bool) 
     return {"name": name, "figure": figure, "target": wanted, "met": (ratio >= bound) == larger}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    stocks = [s.symbol for s in config.DEFAULT_SYMBOLS if s.asset_class != "crypto"]
+@dataclass
+class Measurements:
+    """The timed loaders' results, printed as they come."""
+
+    results: list[Result] = field(default_factory=list)
+
+    def add(self, method: str, bars: int, seconds: float, note: str = "") -> float:
+        self.results.append(Result(method, bars, seconds, note))
+        print(f"  {method}: {bars / seconds:,.0f} bars/s", flush=True)
+        return seconds
+
+    def rate(self, method: str) -> float:
+        return next(r.bars_per_second for r in self.results if r.method == method)
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str], list[date]]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    stocks = [s.symbol for s in config.DEFAULT_SYMBOLS if s.asset_class.market is Market.STOCK]
     parser.add_argument("--symbols", type=int, default=4, help=f"stock symbols, 1..{len(stocks)}")
     parser.add_argument("--months", type=int, default=60, help=f"months from {FIRST_MONTH:%Y-%m}")
     parser.add_argument("--sample", type=int, default=100_000, help="rows for the row loaders")
@@ -451,102 +480,63 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.symbols <= len(stocks) or not 1 <= args.months <= MAX_MONTHS:
         parser.error(f"--symbols must be 1..{len(stocks)} and --months 1..{MAX_MONTHS}")
-    symbols, months = stocks[: args.symbols], months_from(FIRST_MONTH, args.months)
-    long_months = months_from(FIRST_MONTH, 60)
+    return args, stocks[: args.symbols], months_from(FIRST_MONTH, args.months)
 
-    admin_url = config.database_url() or embedded.start()
-    url = fresh_database(admin_url, BENCH_DATABASE)
-    with db.connection(url) as conn:
-        bootstrap(conn)
-    results: list[Result] = []
 
-    def measure(method: str, bars: int, seconds: float, note: str = "") -> float:
-        results.append(Result(method, bars, seconds, note))
-        print(f"  {method}: {bars / seconds:,.0f} bars/s", flush=True)
-        return seconds
+def measure_loaders(
+    measured: Measurements,
+    url: str,
+    base_url: str,
+    frames: dict[str, pl.DataFrame],
+    months: list[date],
+    sample_rows: int,
+) -> tuple[float, int]:
+    """Every loader on the same bars; returns the pipeline path's seconds and the row sample."""
+    symbols, bars = list(frames), sum(frame.height for frame in frames.values())
+    payloads = [pg_binary.encode(frame, symbol) for symbol, frame in frames.items()]
+    sample = (
+        pl.concat([f.with_columns(symbol=pl.lit(s)) for s, f in frames.items()])
+        .select(pg_binary.COPY_COLUMNS)
+        .head(sample_rows)
+    )
+    rows, table, n = sample.rows(), pandas_frame(sample), sample.height
+    del sample
 
-    work = config.marketdata_home() / "bench"  # the Dagster instance's home and logs
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    with simulator_process() as base_url:
-        print(f"rendering {len(symbols)} symbols x {len(months)} months ...", flush=True)
-        with PolygonClient(None, base_url) as client:
-            frames = {symbol: render(client, symbol, months) for symbol in symbols}
-            long_bars = render(client, LONG_RUN_SYMBOL, long_months).height
-        bars = sum(frame.height for frame in frames.values())
-        payloads = [pg_binary.encode(frame, symbol) for symbol, frame in frames.items()]
-        sample = (
-            pl.concat([f.with_columns(symbol=pl.lit(s)) for s, f in frames.items()])
-            .select(pg_binary.COPY_COLUMNS)
-            .head(args.sample)
-        )
-        rows, table, n = sample.rows(), pandas_frame(sample), sample.height
-        del frames, sample
+    measured.add(
+        "binary COPY of ready rows", bars, timed(url, bars, copy_ready_rows, url, payloads)
+    )
+    pipeline_seconds = measured.add(
+        PIPELINE, bars, timed(url, bars, pipeline, url, base_url, symbols, months)
+    )
+    measured.add(
+        "pipeline path, replacing every window",
+        bars,
+        wall(pipeline, url, base_url, symbols, months),
+    )
+    measured.add("  its fetch and decode alone", bars, wall(fetch_only, base_url, symbols, months))
+    started = time.perf_counter()
+    parts = fetch_and_validate(base_url, symbols, months)
+    measured.add("  its fetch, decode, validate alone", bars, time.perf_counter() - started)
+    measured.add("  its load alone", bars, timed(url, bars, load_windows, url, parts))
+    del parts
+    measured.add(
+        "binary COPY into staging, INSERT ... SELECT",
+        bars,
+        timed(url, bars, copy_through_staging, url, payloads),
+    )
+    del payloads
+    measured.add("executemany, one transaction", n, timed(url, n, execute_many, url, rows))
+    measured.add("pandas to_sql", n, timed(url, n, pandas_to_sql, url, table))
+    measured.add("one INSERT per row, commit each", n, timed(url, n, insert_each_row, url, rows))
+    return pipeline_seconds, n
 
-        measure(
-            "binary COPY of ready rows",
-            bars,
-            timed(url, bars, copy_ready_rows, url, payloads),
-        )
-        pipeline_seconds = measure(
-            "pipeline path: fetch, decode, validate, load",
-            bars,
-            timed(url, bars, pipeline, url, base_url, symbols, months),
-        )
-        measure(
-            "pipeline path, replacing every window",
-            bars,
-            wall(pipeline, url, base_url, symbols, months),
-        )
-        measure(
-            "  its fetch and decode alone",
-            bars,
-            wall(fetch_only, base_url, symbols, months),
-        )
-        started = time.perf_counter()
-        parts = fetch_and_validate(base_url, symbols, months)
-        measure("  its fetch, decode, validate alone", bars, time.perf_counter() - started)
-        measure("  its load alone", bars, timed(url, bars, load_windows, url, parts))
-        del parts
-        measure(
-            "binary COPY into staging, INSERT ... SELECT",
-            bars,
-            timed(url, bars, copy_through_staging, url, payloads),
-        )
-        del payloads
-        measure("executemany, one transaction", n, timed(url, n, execute_many, url, rows))
-        measure("pandas to_sql", n, timed(url, n, pandas_to_sql, url, table))
-        measure("one INSERT per row, commit each", n, timed(url, n, insert_each_row, url, rows))
-        del rows, table
 
-        dagster: dict[str, float | int] = {}
-        if not args.skip_dagster:
-            print("Dagster backfill through dagster dev ...", flush=True)
-            empty_table(url)
-            dagster = dagster_backfill(admin_url, url, base_url, symbols, months, work)
-            if (stored := stored_bars(url)) != bars:
-                raise SystemExit(f"bench: the backfill stored {stored:,} bars, not {bars:,}")
-            measure(
-                "Dagster backfill, first run to last end",
-                bars,
-                dagster["first_run_to_last_end_seconds"],
-                f"{dagster['runs']} runs for {dagster['partitions']} partitions",
-            )
-
-        print(f"{LONG_RUN_SYMBOL}: {len(long_months)} months in one ranged run ...", flush=True)
-        empty_table(url)
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            loaded, seconds, peak_rss = pool.submit(
-                ranged_run, url, base_url, LONG_RUN_SYMBOL, long_months
-            ).result()
-        if loaded != long_bars:
-            raise SystemExit(f"bench: the ranged run loaded {loaded:,}, not {long_bars:,}")
-        measure(f"ranged run of {LONG_RUN_SYMBOL}, 5 years, own process", loaded, seconds)
-
-    rate = {r.method: r.bars_per_second for r in results}
-    copy_rate = rate["binary COPY of ready rows"]
-    pipeline_rate = rate["pipeline path: fetch, decode, validate, load"]
-    row_rate = rate["one INSERT per row, commit each"]
+def targets_and_notes(
+    measured: Measurements, pipeline_seconds: float, dagster: dict, peak_rss: int
+) -> tuple[list[dict], list[str]]:
+    copy_rate = measured.rate("binary COPY of ready rows")
+    pipeline_rate = measured.rate(PIPELINE)
+    row_rate = measured.rate("one INSERT per row, commit each")
     targets = [
         target("pipeline / binary COPY", pipeline_rate / copy_rate, ">= 0.6x", 0.6, larger=True),
         target(
@@ -575,15 +565,67 @@ def main() -> None:
             "met": peak_rss < 2**30,
         }
     )
+    return targets, notes
+
+
+def main() -> None:
+    args, symbols, months = parse_args()
+    long_months = months_from(FIRST_MONTH, 60)
+    admin_url = config.database_url() or embedded.start()
+    url = fresh_database(admin_url, BENCH_DATABASE)
+    with db.connection(url) as conn:
+        bootstrap(conn)
+    measured = Measurements()
+    work = config.marketdata_home() / "bench"  # the Dagster instance's home and logs
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with simulator_process() as base_url:
+        print(f"rendering {len(symbols)} symbols x {len(months)} months ...", flush=True)
+        with PolygonClient(None, base_url) as client:
+            frames = {symbol: render(client, symbol, months) for symbol in symbols}
+            long_bars = render(client, LONG_RUN_SYMBOL, long_months).height
+        bars = sum(frame.height for frame in frames.values())
+        pipeline_seconds, sample_rows = measure_loaders(
+            measured, url, base_url, frames, months, args.sample
+        )
+        del frames
+
+        dagster: dict[str, float | int] = {}
+        if not args.skip_dagster:
+            print("Dagster backfill through dagster dev ...", flush=True)
+            empty_table(url)
+            dagster = dagster_backfill(admin_url, url, base_url, symbols, months, work)
+            if (stored := stored_bars(url)) != bars:
+                raise SystemExit(f"bench: the backfill stored {stored:,} bars, not {bars:,}")
+            measured.add(
+                "Dagster backfill, first run to last end",
+                bars,
+                dagster["first_run_to_last_end_seconds"],
+                f"{dagster['runs']} runs for {dagster['partitions']} partitions",
+            )
+
+        print(f"{LONG_RUN_SYMBOL}: {len(long_months)} months in one ranged run ...", flush=True)
+        empty_table(url)
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            loaded, seconds, peak_rss = pool.submit(
+                ranged_run, url, base_url, LONG_RUN_SYMBOL, long_months
+            ).result()
+        if loaded != long_bars:
+            raise SystemExit(f"bench: the ranged run loaded {loaded:,}, not {long_bars:,}")
+        measured.add(f"ranged run of {LONG_RUN_SYMBOL}, 5 years, own process", loaded, seconds)
+
+    targets, notes = targets_and_notes(measured, pipeline_seconds, dagster, peak_rss)
     about = machine(url)
-    print_report(about, results, targets, notes)
+    print_report(about, measured.results, targets, notes)
     output = args.json or config.marketdata_home() / "bench.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     workload = {"symbols": symbols, "first_month": f"{months[0]:%Y-%m}", "months": len(months)}
     figures = {
         "machine": about,
-        "workload": workload | {"bars": bars, "row_loader_sample": n},
-        "results": [asdict(r) | {"bars_per_second": round(r.bars_per_second)} for r in results],
+        "workload": workload | {"bars": bars, "row_loader_sample": sample_rows},
+        "results": [
+            asdict(r) | {"bars_per_second": round(r.bars_per_second)} for r in measured.results
+        ],
         "dagster": dagster,
         "peak_rss_bytes": peak_rss,
         "targets": targets,

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -17,10 +18,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from marketdata_pipeline import embedded
-from marketdata_pipeline.db import with_database
-from marketdata_pipeline.polygon import BAR_SCHEMA
-from marketdata_pipeline.simulator import Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.domain import BAR_SCHEMA, Timeframe
+from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.warehouse import embedded
+from marketdata_pipeline.warehouse.connection import with_database
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PGLITE_DIR = Path(__file__).resolve().parent / "pglite"
@@ -136,3 +137,17 @@ def bars_frame(bars: dict) -> pl.DataFrame:
         },
         schema=BAR_SCHEMA,
     )
+
+
+def read_bars(
+    conn: psycopg.Connection, timeframe: Timeframe, symbol: str, start: datetime, end: datetime
+) -> pl.DataFrame:
+    """The stored bars of [start, end), oldest first, in the client's frame schema."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT ts, open, high, low, close, volume, vwap, trades FROM {} "
+            "WHERE symbol = %s AND ts >= %s AND ts < %s ORDER BY ts"
+        ).format(sql.Identifier(timeframe.table)),
+        (symbol, start, end),
+    ).fetchall()
+    return pl.DataFrame(rows, schema=BAR_SCHEMA, orient="row")

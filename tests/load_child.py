@@ -6,11 +6,11 @@ python tests/load_child.py DATABASE_URL SYMBOL FIRST_MONTH LAST_MONTH [SPLIT_RAT
 import sys
 from datetime import date
 
-from marketdata_pipeline import db
-from marketdata_pipeline.ingest import contiguous_runs, next_month
-from marketdata_pipeline.ingest import ingest as run_ingest
-from marketdata_pipeline.polygon import PolygonClient
-from marketdata_pipeline.simulator import Simulator
+from marketdata_pipeline.domain import Market, Timeframe, contiguous_runs, next_month
+from marketdata_pipeline.pipeline import ingest as run_ingest
+from marketdata_pipeline.polygon.client import PolygonClient
+from marketdata_pipeline.polygon.simulator import Simulator
+from marketdata_pipeline.warehouse import connection as db
 
 SPLIT_DAY = date(2023, 6, 15)
 
@@ -28,7 +28,12 @@ def main() -> None:
     client = PolygonClient(None, "http://simulator", transport=sim.transport())
     with db.connection(url) as conn:
         for outcome in run_ingest(
-            client, conn, asset_class="stock", timeframe="minute", symbol=symbol, months=months
+            client,
+            conn,
+            market=Market.STOCK,
+            timeframe=Timeframe.MINUTE,
+            symbol=symbol,
+            months=months,
         ):
             print(f"loaded {outcome.window.month} {outcome.load.rows_loaded}", flush=True)
 

@@ -15,16 +15,16 @@ import polars as pl
 import psycopg
 import pytest
 
-from marketdata_pipeline import db, migrations
-from marketdata_pipeline.assets import BarsAsset, bars_assets
-from marketdata_pipeline.bootstrap import bootstrap
-from marketdata_pipeline.checks import stale_symbols
-from marketdata_pipeline.ingest import next_month, window
-from marketdata_pipeline.polygon import BAR_SCHEMA
-from marketdata_pipeline.resources import PolygonResource, WarehouseResource
-from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer
-from marketdata_pipeline.warehouse import WINDOW_LOCK_CLASS, read_bars, replace_window
-from tests.conftest import PROJECT_DIR, bars_frame
+from marketdata_pipeline.defs.assets import BarsAsset, bars_assets
+from marketdata_pipeline.defs.checks import stale_symbols
+from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.domain import BAR_SCHEMA, Market, Timeframe, Window, next_month
+from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
+from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse import migrations
+from marketdata_pipeline.warehouse.bootstrap import bootstrap
+from marketdata_pipeline.warehouse.loading import WINDOW_LOCK_CLASS, replace_window
+from tests.conftest import PROJECT_DIR, bars_frame, read_bars
 
 ASSETS = {a.key.path[-1]: a for a in bars_assets}
 SPLIT_DAY = date(2023, 6, 15)
@@ -55,8 +55,8 @@ def materialize(
     first: str | None = None,
     last: str | None = None,
 ) -> dg.ExecuteInProcessResult:
-    tags = {}
-    if first:
+    tags: dict[str, str] = {}
+    if first and last:
         tags = {
             "dagster/asset_partition_range_start": first,
             "dagster/asset_partition_range_end": last,
@@ -76,27 +76,41 @@ def materialize(
     )
 
 
-def expected(sim: Simulator, asset_class: str, timeframe: str, symbol: str, months: list[date]):
+def expected(sim: Simulator, market: str, timeframe: str, symbol: str, months: list[date]):
     """The simulator's bars for these months, as the warehouse should hold them."""
-    ticker = f"X:{symbol}USD" if asset_class == "crypto" else symbol
-    span = "day" if timeframe == "daily" else "minute"
+    ticker = f"X:{symbol}USD" if market == Market.CRYPTO else symbol
+    span = "day" if timeframe == Timeframe.DAILY else "minute"
     first, last = months[0], next_month(months[-1])
     frame = bars_frame(sim.expected_bars(ticker, span, first, last))
-    start = window(asset_class, timeframe, symbol, months[0]).start
-    end = window(asset_class, timeframe, symbol, months[-1]).end
+    start, end = span_of(market, timeframe, symbol, months)
     return frame.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
 
 
-def stored(url: str, asset_class: str, timeframe: str, symbol: str, months: list[date]):
-    start = window(asset_class, timeframe, symbol, months[0]).start
-    end = window(asset_class, timeframe, symbol, months[-1]).end
+def stored(url: str, market: str, timeframe: str, symbol: str, months: list[date]):
+    start, end = span_of(market, timeframe, symbol, months)
     with db.connection(url) as conn:
-        return read_bars(conn, "day" if timeframe == "daily" else "minute", symbol, start, end)
+        return read_bars(conn, Timeframe(timeframe), symbol, start, end)
+
+
+def span_of(
+    market: str, timeframe: str, symbol: str, months: list[date]
+) -> tuple[datetime, datetime]:
+    """[start, end) in UTC of these months of the symbol's market."""
+    first = Window.of_month(Market(market), Timeframe(timeframe), symbol, months[0])
+    last = Window.of_month(Market(market), Timeframe(timeframe), symbol, months[-1])
+    return first.start, last.end
+
+
+def step_failure(result: dg.ExecuteInProcessResult) -> str:
+    """The error text of the run's failed step."""
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    return failure.step_failure_data.error_display_string
 
 
 def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
+    """Each partition's materialization metadata (every bars materialization has a partition)."""
     return {
-        event.partition: event.event_specific_data.materialization.metadata
+        str(event.partition): dict(event.materialization.metadata)
         for event in result.get_asset_materialization_events()
     }
 
@@ -189,7 +203,7 @@ def test_revised_history_is_replaced_exactly(warehouse_url, sim, server, instanc
 
 def test_bars_without_vwap_or_trades_load_with_nulls(warehouse_url) -> None:
     # Polygon's vw and n are optional; the binary COPY encodes each null pattern apart.
-    target = window("stock", "minute", "AAPL", date(2024, 3, 1))
+    target = Window.of_month(Market.STOCK, Timeframe.MINUTE, "AAPL", date(2024, 3, 1))
     bars = pl.DataFrame(
         {
             "ts": [target.start + timedelta(minutes=m) for m in range(4)],
@@ -205,7 +219,7 @@ def test_bars_without_vwap_or_trades_load_with_nulls(warehouse_url) -> None:
     )
     with db.connection(warehouse_url) as conn:
         load = replace_window(conn, target, bars, bars.clear())
-        stored_bars = read_bars(conn, "minute", "AAPL", target.start, target.end)
+        stored_bars = read_bars(conn, Timeframe.MINUTE, "AAPL", target.start, target.end)
     assert load.rows_loaded == 4
     assert stored_bars.equals(bars)
 
@@ -255,8 +269,7 @@ def test_not_authorized_fails_clearly_and_leaves_the_warehouse_untouched(
     sim.inject(Faults(not_authorized=True), "AAPL")
     result = materialize(instance, server, "stock_daily_bars", key="2024-01-01|AAPL")
     assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    message = failure.event_specific_data.error_display_string
+    message = step_failure(result)
     assert "AAPL" in message and "not entitled" in message
     assert stored(warehouse_url, "stock", "daily", "AAPL", [date(2024, 1, 1)]).equals(before)
 
@@ -269,15 +282,14 @@ def test_persistent_5xx_fails_and_leaves_the_warehouse_untouched(
     sim.inject(Faults(server_errors=-1))
     result = materialize(instance, server, "crypto_daily_bars", key="2024-01-01|BTC")
     assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "kept failing" in failure.event_specific_data.error_display_string
+    assert "kept failing" in step_failure(result)
     assert stored(warehouse_url, "crypto", "daily", "BTC", [date(2024, 1, 1)]).equals(before)
 
 
 # -- crash safety and concurrency, with real processes ------------------------------------
 
 
-def child(url: str, *args: str) -> subprocess.Popen:
+def child(url: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "tests/load_child.py", url, *args],
         cwd=PROJECT_DIR,
@@ -305,6 +317,11 @@ def locks_held_on(conn: psycopg.Connection, table: str) -> list[str]:
     return [mode for (mode,) in rows]
 
 
+def finished(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=120)
+    return process.returncode, out, err
+
+
 def wait_until(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -315,7 +332,8 @@ def wait_until(condition, timeout: float = 60.0) -> None:
 def test_sigkill_in_the_middle_of_a_load_leaves_the_previous_bars(warehouse_url) -> None:
     months = [date(2023, 6, 1)]
     first = child(warehouse_url, "AAPL", "2023-06-01", "2023-06-01")
-    assert first.wait(timeout=120) == 0, first.stderr.read()
+    code, _, err = finished(first)
+    assert code == 0, err
     before = stored(warehouse_url, "stock", "minute", "AAPL", months)
     assert before.height > 15_000
 
@@ -334,7 +352,8 @@ def test_sigkill_in_the_middle_of_a_load_leaves_the_previous_bars(warehouse_url)
     assert stored(warehouse_url, "stock", "minute", "AAPL", months).equals(before)
 
     rerun = child(warehouse_url, "AAPL", "2023-06-01", "2023-06-01", "4")
-    assert rerun.wait(timeout=120) == 0, rerun.stderr.read()
+    code, _, err = finished(rerun)
+    assert code == 0, err
     after = stored(warehouse_url, "stock", "minute", "AAPL", months)
     assert after.height == before.height and not after.equals(before)
     assert after["close"][0] == pytest.approx(before["close"][0] / 4, abs=1e-4)
@@ -353,7 +372,7 @@ def test_two_processes_loading_the_same_window_serialize(warehouse_url) -> None:
             "SELECT pg_advisory_unlock(%s, hashtext(%s))",
             (WINDOW_LOCK_CLASS, "minute|MSFT|2023-03-01"),
         )
-        outputs = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in loaders]
+        outputs = [finished(p) for p in loaders]
     assert [code for code, _, _ in outputs] == [0, 0], outputs
     got = stored(warehouse_url, "stock", "minute", "MSFT", months)
     assert got.equals(expected(Simulator(), "stock", "minute", "MSFT", months))
@@ -364,7 +383,7 @@ def test_two_processes_loading_the_same_window_serialize(warehouse_url) -> None:
 
 
 def test_freshness_lists_symbols_behind_the_last_complete_session(warehouse_url) -> None:
-    spec = BarsAsset("stock", "daily")
+    spec = BarsAsset(Market.STOCK, Timeframe.DAILY)
     now = datetime(2024, 3, 13, 12, tzinfo=UTC)  # Wednesday morning: Tuesday is complete
     with db.connection(warehouse_url) as conn:
         bootstrap(conn)

@@ -27,10 +27,11 @@ def test_bootstrap_fresh_then_again_changes_nothing(database_url: str) -> None:
 
     with psycopg.connect(database_url) as conn:
         stored = conn.execute("SELECT name, key_hash FROM api_keys").fetchall()
-        symbols = dict(conn.execute("SELECT symbol, asset_class FROM tracked_symbols").fetchall())
-        dump = conn.execute("SELECT row_to_json(k)::text FROM api_keys k").fetchone()
+        rows = conn.execute("SELECT symbol, asset_class FROM tracked_symbols").fetchall()
+        [(dump,)] = conn.execute("SELECT row_to_json(k)::text FROM api_keys k").fetchall()
+    symbols: dict[str, str] = dict(rows)
     assert stored == [("admin", hashlib.sha256(keys[0].encode()).hexdigest())]
-    assert keys[0] not in dump[0], "only the hash is stored"
+    assert keys[0] not in dump, "only the hash is stored"
     assert symbols == {s.symbol: s.asset_class for s in DEFAULT_SYMBOLS}
     assert symbols["SPY"] == "etf" and symbols["BTC"] == "crypto" and symbols["SQ"] == "stock"
 

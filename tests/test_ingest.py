@@ -7,10 +7,12 @@ from datetime import date
 
 import pytest
 
-from marketdata_pipeline import db, migrations
-from marketdata_pipeline.ingest import ingest, window
-from marketdata_pipeline.polygon import PolygonClient, PolygonUnavailable, RetryPolicy
-from marketdata_pipeline.simulator import Faults, Simulator
+from marketdata_pipeline.domain import Market, Timeframe, Window
+from marketdata_pipeline.pipeline import ingest
+from marketdata_pipeline.polygon.client import PolygonClient, PolygonUnavailable, RetryPolicy
+from marketdata_pipeline.polygon.simulator import Faults, Simulator
+from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse import migrations
 
 MONTHS = [date(2024, 1, 1), date(2024, 2, 1), date(2024, 3, 1)]
 
@@ -45,7 +47,12 @@ def test_a_failure_mid_stream_keeps_the_months_before_it_and_is_raised(conn) -> 
     outcomes = []
     with btc_minutes(sim) as client, pytest.raises(PolygonUnavailable):
         for outcome in ingest(
-            client, conn, asset_class="crypto", timeframe="minute", symbol="BTC", months=MONTHS
+            client,
+            conn,
+            market=Market.CRYPTO,
+            timeframe=Timeframe.MINUTE,
+            symbol="BTC",
+            months=MONTHS,
         ):
             outcomes.append(outcome)
     assert [o.window.month for o in outcomes] == MONTHS[:2]
@@ -61,10 +68,15 @@ def test_a_failure_mid_stream_keeps_the_months_before_it_and_is_raised(conn) -> 
 def test_leaving_early_loads_nothing_more_and_stops_the_worker(conn) -> None:
     with btc_minutes(Simulator()) as client:
         outcomes = ingest(
-            client, conn, asset_class="crypto", timeframe="minute", symbol="BTC", months=MONTHS
+            client,
+            conn,
+            market=Market.CRYPTO,
+            timeframe=Timeframe.MINUTE,
+            symbol="BTC",
+            months=MONTHS,
         )
         first = next(outcomes)
         outcomes.close()  # the worker had February validated and waiting
-    assert first.window == window("crypto", "minute", "BTC", MONTHS[0])
+    assert first.window == Window.of_month(Market.CRYPTO, Timeframe.MINUTE, "BTC", MONTHS[0])
     assert loaded_months(conn) == MONTHS[:1]
     assert read_ahead_workers() == []

@@ -13,9 +13,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from marketdata_pipeline import db, migrations
-from marketdata_pipeline.bootstrap import TABLES, VIEWS
 from marketdata_pipeline.errors import MigrationError
+from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse import migrations
+from marketdata_pipeline.warehouse.bootstrap import TABLES, VIEWS
 from tests.conftest import PROJECT_DIR
 
 
@@ -33,6 +34,7 @@ def test_fresh_database_gets_every_table_and_a_checksummed_ledger(database_url: 
             "001_registry_and_keys.sql",
             "002_bars.sql",
             "003_bars_storage.postgres.sql",
+            "004_rejected_timeframe_names.sql",
         ]
         assert set(TABLES) | set(VIEWS) <= relations(conn)
         ledger = conn.execute(
@@ -80,10 +82,10 @@ def test_concurrent_runners_serialize_one_applies_the_other_waits(database_url: 
 
     assert [r.returncode for r in runners] == [0, 0], outputs
     stdouts = sorted(out for out, _ in outputs)
-    assert stdouts[0].count("applied ") == 3
+    assert stdouts[0].count("applied ") == 4
     assert "nothing to apply" in stdouts[1]
     with db.connection(database_url) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (4,)
 
 
 def _advisory_waiters(conn: psycopg.Connection) -> int:
@@ -107,13 +109,13 @@ def test_edited_applied_migration_is_refused_by_name(database_url: str, tmp_path
 def test_failed_migration_leaves_the_last_good_version(database_url: str, tmp_path: Path) -> None:
     sql_dir = tmp_path / "sql"
     shutil.copytree(PROJECT_DIR / "sql", sql_dir)
-    (sql_dir / "004_broken.sql").write_text(
+    (sql_dir / "005_broken.sql").write_text(
         "CREATE TABLE half_done (id int);\nSELECT * FROM no_such_table;\n"
     )
     with db.connection(database_url) as conn:
-        with pytest.raises(MigrationError, match=r"004_broken\.sql failed: .*no_such_table"):
+        with pytest.raises(MigrationError, match=r"005_broken\.sql failed: .*no_such_table"):
             migrations.migrate(conn, sql_dir)
-        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (3,)
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (4,)
         assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
 
 
@@ -127,3 +129,16 @@ def test_engine_variant_pairs_are_required(tmp_path: Path) -> None:
     (tmp_path / "001_a.timescaledb.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match=r"version 001 needs both"):
         migrations.discover(tmp_path, timescaledb=True)
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_a_missing_or_empty_migrations_folder_is_refused(
+    database_url: str, tmp_path: Path, folder: str
+) -> None:
+    sql_dir = tmp_path / "sql"
+    if folder == "empty":
+        sql_dir.mkdir()
+    with db.connection(database_url) as conn:
+        with pytest.raises(MigrationError, match=rf"migrations folder .*sql .*{folder}"):
+            migrations.migrate(conn, sql_dir)
+        assert relations(conn) == set(), "nothing is created, not even the ledger"

@@ -12,18 +12,17 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from marketdata_pipeline.polygon import (
-    BAR_SCHEMA,
+from marketdata_pipeline.domain import BAR_SCHEMA, AssetClass
+from marketdata_pipeline.polygon.client import (
     PolygonAuthError,
     PolygonClient,
     PolygonResponseError,
     PolygonUnavailable,
-    RateLimiter,
     RetryPolicy,
     decode_page,
 )
-from marketdata_pipeline.simulator import Faults, Simulator, SimulatorHTTPServer
-from marketdata_pipeline.symbols import polygon_ticker
+from marketdata_pipeline.polygon.rate_limit import RateLimiter
+from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
 from tests.conftest import bars_frame
 
 FIXTURES = Path(__file__).parent / "fixtures" / "polygon"
@@ -142,7 +141,7 @@ def test_next_url_is_followed_on_the_configured_host_only(sim: Simulator) -> Non
 
 
 def test_crypto_symbol_maps_to_polygon_ticker_and_trades_24_7(sim: Simulator) -> None:
-    ticker = polygon_ticker("btc", "crypto")
+    ticker = AssetClass("crypto").market.provider_ticker("btc")
     assert ticker == "X:BTCUSD"
     client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
     daily = client.aggregates(ticker, 1, "day", date(2024, 1, 1), date(2024, 1, 31))

@@ -7,10 +7,13 @@ import re
 
 import pytest
 
-from marketdata_pipeline import apikeys, db, registry
-from marketdata_pipeline.bootstrap import bootstrap
+from marketdata_pipeline.domain import AssetClass, InvalidSymbol, Market, Timeframe
 from marketdata_pipeline.errors import AlreadyExists, ConfigError, NotFound
-from marketdata_pipeline.symbols import InvalidSymbol
+from marketdata_pipeline.registry import api_keys as apikeys
+from marketdata_pipeline.registry import symbols as registry
+from marketdata_pipeline.registry.stats import stats
+from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse.bootstrap import bootstrap
 from tests.conftest import run_cli
 
 
@@ -23,43 +26,42 @@ def url(database_url: str) -> str:
 
 def test_add_get_list_remove_and_reactivate(url: str) -> None:
     with db.connection(url) as conn:
-        added = registry.add(conn, " brk.b ", "STOCK")
+        added = registry.add(conn, " brk.b ", AssetClass.parse("STOCK"))
         assert (added.symbol, added.asset_class, added.active) == ("BRK.B", "stock", True)
         assert added.backfill_status == "pending"
         with pytest.raises(AlreadyExists, match=r"BRK\.B is already registered"):
-            registry.add(conn, "BRK.B", "etf")
+            registry.add(conn, "BRK.B", AssetClass.ETF)
         with pytest.raises(AlreadyExists, match=r"BTC is already registered \(as crypto\)"):
-            registry.add(conn, "btc", "stock")  # unique across classes
-        assert [s.symbol for s in registry.list_symbols(conn, asset_class="etf")] == ["QQQ", "SPY"]
+            registry.add(conn, "btc", AssetClass.STOCK)  # unique across classes
+        assert [s.symbol for s in registry.list_symbols(conn, asset_class=AssetClass.ETF)] == [
+            "QQQ",
+            "SPY",
+        ]
         assert len(registry.list_symbols(conn)) == 21
 
         removed = registry.remove(conn, "brk.b")
         assert not removed.active
-        assert "BRK.B" not in registry.active_symbols(conn, ["stock"])
+        assert "BRK.B" not in registry.active_symbols(conn, Market.STOCK)
         assert "BRK.B" in [s.symbol for s in registry.list_symbols(conn, include_inactive=True)]
         with pytest.raises(NotFound, match="already removed"):
             registry.remove(conn, "BRK.B")
 
-        back = registry.add(conn, "BRK.B", "etf")
+        back = registry.add(conn, "BRK.B", AssetClass.ETF)
         assert back.active and back.asset_class == "etf"
 
 
 @pytest.mark.parametrize("bad", ["", "1ABC", "AAPL;DROP", "A" * 13, "BT C", "X:BTCUSD"])
 def test_symbols_must_match_the_strict_pattern(url: str, bad: str) -> None:
     with db.connection(url) as conn, pytest.raises(InvalidSymbol, match="invalid symbol"):
-        registry.add(conn, bad, "stock")
+        registry.add(conn, bad, AssetClass.STOCK)
 
 
 def test_errors_name_what_was_wrong(url: str) -> None:
     with db.connection(url) as conn:
         with pytest.raises(ConfigError, match="invalid asset class 'bond'"):
-            registry.add(conn, "TLT", "bond")
+            registry.add(conn, "TLT", AssetClass.parse("bond"))
         with pytest.raises(NotFound, match="ZZZZ is not registered"):
             registry.get(conn, "ZZZZ")
-        with pytest.raises(ConfigError, match="invalid backfill status"):
-            registry.set_status(conn, "AAPL", "done")
-        registry.set_status(conn, "AAPL", "failed", error="boom")
-        assert registry.get(conn, "AAPL").backfill_error == "boom"
 
 
 def test_stats_count_bars_rejects_and_calendar_gaps(url: str) -> None:
@@ -72,10 +74,10 @@ def test_stats_count_bars_rejects_and_calendar_gaps(url: str) -> None:
         )
         conn.execute(
             "INSERT INTO bars_rejected (timeframe, symbol, month, reasons) "
-            "VALUES ('day', 'MSFT', '2024-07-01', ARRAY['high below low'])"
+            "VALUES ('daily', 'MSFT', '2024-07-01', ARRAY['high below low'])"
         )
-        tracked, per_timeframe = registry.stats(conn, "msft")
-    daily = next(s for s in per_timeframe if s.timeframe == "day")
+        tracked, per_timeframe = stats(conn, "msft")
+    daily = next(s for s in per_timeframe if s.timeframe == Timeframe.DAILY)
     assert tracked.symbol == "MSFT" and daily.bars == 3 and daily.rejected == 1
     assert daily.validation_rate == pytest.approx(0.75)
     # Jul 3 and 5 were sessions (the 4th a holiday, 6-7 a weekend).

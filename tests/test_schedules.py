@@ -8,8 +8,9 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 
-from marketdata_pipeline.refresh import refresh_months
-from marketdata_pipeline.schedules import crypto_bars_daily, stock_bars_after_close
+from marketdata_pipeline.defs.schedules import crypto_bars_daily, stock_bars_after_close
+from marketdata_pipeline.domain import Market
+from marketdata_pipeline.quality.calendars import refresh_months
 
 NY = ZoneInfo("America/New_York")
 
@@ -35,7 +36,7 @@ NY = ZoneInfo("America/New_York")
     ],
 )
 def test_stock_refresh_months(now: datetime, months: list[date]) -> None:
-    assert refresh_months("stock", now) == months
+    assert refresh_months(Market.STOCK, now) == months
 
 
 @pytest.mark.parametrize(
@@ -51,7 +52,7 @@ def test_stock_refresh_months(now: datetime, months: list[date]) -> None:
     ],
 )
 def test_crypto_refresh_months(now: datetime, months: list[date]) -> None:
-    assert refresh_months("crypto", now) == months
+    assert refresh_months(Market.CRYPTO, now) == months
 
 
 def test_schedules_request_every_registered_symbol() -> None:
@@ -62,6 +63,7 @@ def test_schedules_request_every_registered_symbol() -> None:
         assert isinstance(stock_bars_after_close(context), dg.SkipReason)
         instance.add_dynamic_partitions("stock_symbols", ["MSFT", "AAPL"])
         requests = stock_bars_after_close(context)
+        assert isinstance(requests, list)
         assert [r.partition_key for r in requests] == [
             "2024-02-01|AAPL", "2024-02-01|MSFT", "2024-03-01|AAPL", "2024-03-01|MSFT"
         ]  # fmt: skip
@@ -71,7 +73,9 @@ def test_schedules_request_every_registered_symbol() -> None:
         crypto = dg.build_schedule_context(
             instance=instance, scheduled_execution_time=datetime(2024, 7, 10, 0, 30, tzinfo=UTC)
         )
-        assert [r.partition_key for r in crypto_bars_daily(crypto)] == ["2024-07-01|BTC"]
+        crypto_requests = crypto_bars_daily(crypto)
+        assert isinstance(crypto_requests, list)
+        assert [r.partition_key for r in crypto_requests] == ["2024-07-01|BTC"]
 
 
 def test_schedule_timing() -> None:

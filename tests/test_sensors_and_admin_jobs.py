@@ -10,16 +10,19 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from marketdata_pipeline import backfill_state, db, registry
-from marketdata_pipeline.admin_jobs import add_symbol, create_api_key, remove_symbol
-from marketdata_pipeline.bootstrap import bootstrap
-from marketdata_pipeline.resources import PolygonResource, WarehouseResource
-from marketdata_pipeline.sensors import (
+from marketdata_pipeline.defs.admin_jobs import add_symbol, create_api_key, remove_symbol
+from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.defs.sensors import (
     backfill_status_sensor,
     symbol_registry_sensor,
     window_states,
 )
-from marketdata_pipeline.simulator import Faults
+from marketdata_pipeline.domain import AssetClass
+from marketdata_pipeline.polygon.simulator import Faults
+from marketdata_pipeline.registry import backfill_state
+from marketdata_pipeline.registry import symbols as registry
+from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse.bootstrap import bootstrap
 from tests.test_bars_assets import materialize
 
 RESOURCES = {"warehouse": WarehouseResource()}
@@ -43,6 +46,7 @@ def instance() -> Iterator[dg.DagsterInstance]:
 def sync(instance: dg.DagsterInstance) -> dg.SensorResult:
     """Evaluate the registry sensor and apply its partition requests, as the daemon does."""
     result = symbol_registry_sensor(dg.build_sensor_context(instance=instance, resources=RESOURCES))
+    assert isinstance(result, dg.SensorResult)
     for request in result.dynamic_partitions_requests or []:
         if isinstance(request, dg.AddDynamicPartitionsRequest):
             instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
@@ -56,23 +60,24 @@ def test_registry_sensor_adds_removes_and_backfills_new_symbols(url, instance) -
     first = sync(instance)
     assert len(instance.get_dynamic_partitions("stock_symbols")) == 17
     assert sorted(instance.get_dynamic_partitions("crypto_symbols")) == ["BTC", "ETH", "SOL"]
-    assert len(first.run_requests) == 20 * 2  # history of daily and minute bars per symbol
+    assert len(first.run_requests or []) == 20 * 2  # history of daily and minute bars per symbol
 
     again = sync(instance)
     assert not again.run_requests and not again.dynamic_partitions_requests
 
     with db.connection(url) as conn:
         registry.remove(conn, "SQ")
-        registry.add(conn, "DOGE", "crypto")
+        registry.add(conn, "DOGE", AssetClass.CRYPTO)
     changed = sync(instance)
     assert "SQ" not in instance.get_dynamic_partitions("stock_symbols")
     assert "DOGE" in instance.get_dynamic_partitions("crypto_symbols")
-    assert {r.job_name for r in changed.run_requests} == {"crypto_bars_refresh"}
-    assert {r.asset_selection[0].path[-1] for r in changed.run_requests} == {
+    new_runs = changed.run_requests or []
+    assert {r.job_name for r in new_runs} == {"crypto_bars_refresh"}
+    assert {key.path[-1] for r in new_runs for key in r.asset_selection or []} == {
         "crypto_daily_bars",
         "crypto_minute_bars",
     }
-    tags = changed.run_requests[0].tags
+    tags = new_runs[0].tags
     assert tags["dagster/asset_partition_range_start"] == "2020-01-01|DOGE"
     assert tags["dagster/asset_partition_range_end"].endswith("|DOGE")
 
@@ -84,11 +89,12 @@ def state_rows(url: str) -> list[tuple]:
 
 def symbol_row(url: str, symbol: str) -> tuple:
     with db.connection(url) as conn:
-        return conn.execute(
+        [row] = conn.execute(
             "SELECT backfill_status, last_backfill, backfill_error FROM tracked_symbols "
             "WHERE symbol = %s",
             (symbol,),
-        ).fetchone()
+        ).fetchall()
+    return row
 
 
 def evaluate_status_sensor(instance: dg.DagsterInstance, cursor: str | None = None):

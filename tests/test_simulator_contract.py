@@ -14,8 +14,8 @@ import httpx
 import jsonschema
 import pytest
 
-from marketdata_pipeline.polygon import PolygonAuthError, PolygonClient
-from marketdata_pipeline.simulator import Simulator
+from marketdata_pipeline.polygon.client import PolygonAuthError, PolygonClient
+from marketdata_pipeline.polygon.simulator import Simulator
 from tests.conftest import PROJECT_DIR, free_port
 
 SPEC = json.loads((Path(__file__).parent / "fixtures/polygon/openapi-aggregates.json").read_text())

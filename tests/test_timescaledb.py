@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from marketdata_pipeline import db
+from marketdata_pipeline.warehouse import connection as db
 from tests.conftest import run_cli
 
 
@@ -48,10 +48,10 @@ def test_continuous_aggregates_roll_up_after_a_refresh(migrated: str) -> None:
             "('AAPL', '2024-01-02 14:59Z', 11, 13, 10, 12, 300, 12.0, 7), "
             "('AAPL', '2024-01-02 15:00Z', 12, 12, 12, 12, 10, 12.0, 1)"
         )
-        schema, table = conn.execute(
+        [(schema, table)] = conn.execute(
             "SELECT materialization_hypertable_schema, materialization_hypertable_name "
             "FROM timescaledb_information.continuous_aggregates WHERE view_name = 'bars_hourly'"
-        ).fetchone()
+        ).fetchall()
         materialized = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
         assert conn.execute(materialized).fetchone() == (0,)
         conn.execute("CALL refresh_continuous_aggregate('bars_hourly', '2024-01-01', '2024-01-03')")
@@ -105,4 +105,4 @@ def test_second_migrate_is_a_no_op(migrated: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "nothing to apply" in result.stdout
     with psycopg.connect(migrated) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (4,)

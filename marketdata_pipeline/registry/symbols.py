@@ -10,9 +10,8 @@ import psycopg
 
 from marketdata_pipeline.config import SeedSymbol
 from marketdata_pipeline.domain import AssetClass, Market, normalize_symbol
-from marketdata_pipeline.errors import AlreadyExists, ConfigError, NotFound
+from marketdata_pipeline.errors import AlreadyExists, NotFound
 
-STATUSES = ("pending", "in_progress", "completed", "failed")
 _COLUMNS = "symbol, asset_class, active, date_added, last_backfill, backfill_status, backfill_error"
 
 
@@ -83,25 +82,6 @@ def active_symbols(conn: psycopg.Connection, market: Market) -> list[str]:
         (list(market.asset_classes),),
     ).fetchall()
     return [row[0] for row in rows]
-
-
-def set_status(
-    conn: psycopg.Connection,
-    symbol: str,
-    status: str,
-    *,
-    error: str | None = None,
-    last_backfill: datetime | None = None,
-) -> None:
-    if status not in STATUSES:
-        raise ConfigError(f"invalid backfill status {status!r}: expected one of {STATUSES}")
-    updated = conn.execute(
-        "UPDATE tracked_symbols SET backfill_status = %s, backfill_error = %s, "
-        "last_backfill = coalesce(%s, last_backfill) WHERE symbol = %s",
-        (status, error, last_backfill, normalize_symbol(symbol)),
-    ).rowcount
-    if not updated:
-        raise NotFound(f"symbol {normalize_symbol(symbol)} is not registered")
 
 
 def remove(conn: psycopg.Connection, symbol: str) -> TrackedSymbol:

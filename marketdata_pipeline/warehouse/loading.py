@@ -10,13 +10,12 @@ gives the same guarantees and loads about a fifth slower: `scripts/bench.py` mea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 import polars as pl
 import psycopg
 from psycopg import sql
 
-from marketdata_pipeline.domain import BAR_SCHEMA, Timeframe, Window, normalize_symbol
+from marketdata_pipeline.domain import Timeframe, Window, normalize_symbol
 from marketdata_pipeline.warehouse import pg_binary
 
 # First key of the two-key advisory lock on a window; the second is a hash of the window.
@@ -79,17 +78,3 @@ def replace_window(
                     ],
                 )
     return LoadResult(bars.height, rejected.height, replaced)
-
-
-def read_bars(
-    conn: psycopg.Connection, timeframe: Timeframe, symbol: str, start: datetime, end: datetime
-) -> pl.DataFrame:
-    """The stored bars of [start, end), oldest first, in the client's frame schema."""
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT ts, open, high, low, close, volume, vwap, trades FROM {} "
-            "WHERE symbol = %s AND ts >= %s AND ts < %s ORDER BY ts"
-        ).format(bar_table(timeframe)),
-        (normalize_symbol(symbol), start, end),
-    ).fetchall()
-    return pl.DataFrame(rows, schema=BAR_SCHEMA, orient="row")

@@ -72,8 +72,8 @@ def discover(sql_dir: Path, *, timescaledb: bool) -> list[Migration]:
     files = sorted(sql_dir.glob("*.sql"))
     if not files:
         # An install without its SQL files must not report an empty database as up to date.
-        state = "holds no .sql files" if sql_dir.is_dir() else "is missing"
-        raise MigrationError(f"the migrations folder {sql_dir} {state}: reinstall the package")
+        state = "is empty" if sql_dir.is_dir() else "is missing"
+        raise MigrationError(f"the migrations folder {sql_dir} {state}: nothing can be applied")
     by_version: dict[int, dict[str | None, Path]] = {}
     for path in files:
         match = _FILE_NAME.match(path.name)
@@ -117,8 +117,8 @@ def migrate(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
     conn.autocommit = True
     conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
     try:
-        conn.execute(_CREATE_LEDGER)
         migrations = discover(sql_dir, timescaledb=timescaledb_available(conn))
+        conn.execute(_CREATE_LEDGER)
         done = {m.version: m for m in applied(conn)}
         _refuse_edited(migrations, done)
         names = []
