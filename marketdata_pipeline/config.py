@@ -10,7 +10,8 @@ from pathlib import Path
 from marketdata_pipeline.domain import AssetClass
 from marketdata_pipeline.errors import ConfigError
 
-POLYGON_OFFICIAL_BASE_URL = "https://api.polygon.io"
+# The provider renamed itself Massive; https://api.polygon.io still answers.
+POLYGON_OFFICIAL_BASE_URL = "https://api.massive.com"
 DEFAULT_HISTORY_START = date(2020, 1, 1)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 

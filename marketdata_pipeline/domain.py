@@ -109,8 +109,11 @@ class InvalidSymbol(ConfigError):
 
 def normalize_symbol(symbol: str) -> str:
     """The registry form of a symbol (upper case), or InvalidSymbol naming it."""
-    candidate = symbol.strip().upper()
-    if not SYMBOL_PATTERN.fullmatch(candidate):
+    stripped = symbol.strip()
+    candidate = stripped.upper()
+    # ASCII before upper-casing: str.upper() turns the German sharp s into 'SS', the 'fi'
+    # ligature into 'FI' and the dotless i (U+0131) into 'I': another ticker than the one typed.
+    if not stripped.isascii() or not SYMBOL_PATTERN.fullmatch(candidate):
         shown = symbol if len(symbol) <= 40 else symbol[:40] + "..."
         raise InvalidSymbol(
             f"invalid symbol {shown!r}: expected 1-12 letters, digits or '.', "

@@ -1,9 +1,14 @@
 """Fetch -> validate -> load of one symbol's months: the pipeline path, without Dagster.
 
-Contiguous months are fetched with one paginated request stream; bars are routed to their
-month as pages arrive, and each month is validated as soon as the stream has passed it and
-loaded while the next one is fetched (in a worker thread, one month ahead), so memory holds a
-few months and a page whatever the range.
+Contiguous months are fetched with one paginated request stream. Each bar goes to the month
+its timestamp falls in, whatever order the provider sends; a month is validated once the
+stream has passed it (a page holds a bar after the month's end) and loaded while the next
+one is fetched, in a worker thread one month ahead, so memory holds a few months and a page
+whatever the range. A bar that arrives after its month was loaded makes
+that month be fetched again on its own: nothing received is lost, nothing counted twice.
+
+Months the provider's plan does not cover are reported as unavailable, the rest load; a load
+that would empty or halve a month is refused and reported, the other months go on.
 """
 
 from __future__ import annotations
@@ -13,35 +18,40 @@ import queue
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import date
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import TypeVar
 
 import polars as pl
 import psycopg
 
 from marketdata_pipeline.domain import Market, Timeframe, Window, contiguous_runs, empty_bars
-from marketdata_pipeline.polygon.client import PolygonClient
+from marketdata_pipeline.polygon.client import PolygonClient, PolygonPlanLimit
 from marketdata_pipeline.quality.validation import Validation, validate
-from marketdata_pipeline.warehouse.loading import LoadResult, replace_window
+from marketdata_pipeline.warehouse.loading import LoadResult, ShrinkRefused, replace_window
 
 log = logging.getLogger(__name__)
 
 # One validated month waits while another loads: memory stays at a few months and a page.
 READ_AHEAD_WINDOWS = 1
+# After the consumer stops (an error, or Dagster's SIGTERM), how long to wait for the worker;
+# it is a daemon thread blocked in at most one request, and the run must not hang on it.
+WORKER_STOP_SECONDS = 2.0
 
 
 @dataclass
 class FetchedWindow:
     window: Window
-    validation: Validation
-    request_ids: list[str]
-    pages: int
+    validation: Validation | None  # None when the plan does not cover the month
+    request_ids: list[str] = field(default_factory=list)
+    pages: int = 0
+    unavailable: str | None = None  # the provider's words, when the plan does not cover it
 
 
 @dataclass
 class WindowOutcome(FetchedWindow):
-    load: LoadResult
+    load: LoadResult | None = None  # None when nothing was loaded: unavailable or refused
+    refused: str | None = None  # why a load was refused (it would empty or halve the month)
 
 
 def ingest(
@@ -53,6 +63,7 @@ def ingest(
     symbol: str,
     months: Sequence[date],
     run_id: str | None = None,
+    accept_shrink: bool = False,
 ) -> Generator[WindowOutcome, None, None]:
     """Fetch, validate and load each month of `months`; yields each as it is loaded.
     Closing the generator early stops the read-ahead worker; nothing more is loaded.
@@ -65,19 +76,37 @@ def ingest(
     )
     with read_ahead(fetched, depth=READ_AHEAD_WINDOWS) as windows:
         for part in windows:
-            valid, rejected = part.validation.valid, part.validation.rejected
-            load = replace_window(conn, part.window, valid, rejected, run_id)
-            log.info(
-                "%s %s %s: loaded %d bars, rejected %d, flagged %d (replaced %d)",
-                part.window.symbol,
-                part.window.timeframe,
-                f"{part.window.month:%Y-%m}",
-                load.rows_loaded,
-                load.rows_rejected,
-                part.validation.flagged.height,
-                load.rows_replaced,
+            outcome = WindowOutcome(
+                part.window, part.validation, part.request_ids, part.pages, part.unavailable
             )
-            yield WindowOutcome(part.window, part.validation, part.request_ids, part.pages, load)
+            if part.validation is not None:
+                outcome.load, outcome.refused = _load(conn, part, run_id, accept_shrink)
+            yield outcome
+
+
+def _load(
+    conn: psycopg.Connection, part: FetchedWindow, run_id: str | None, accept_shrink: bool
+) -> tuple[LoadResult | None, str | None]:
+    assert part.validation is not None
+    window, validation = part.window, part.validation
+    try:
+        load = replace_window(
+            conn, window, validation.valid, validation.rejected, run_id, accept_shrink=accept_shrink
+        )
+    except ShrinkRefused as refusal:
+        log.warning("%s", refusal)
+        return None, str(refusal)
+    log.info(
+        "%s %s %s: loaded %d bars, rejected %d, flagged %d (replaced %d)",
+        window.symbol,
+        window.timeframe,
+        f"{window.month:%Y-%m}",
+        load.rows_loaded,
+        load.rows_rejected,
+        validation.flagged.height,
+        load.rows_replaced,
+    )
+    return load, None
 
 
 def fetch_windows(
@@ -88,37 +117,101 @@ def fetch_windows(
     symbol: str,
     months: Sequence[date],
 ) -> Iterator[FetchedWindow]:
-    """Each month of `months`, fetched and validated, in order; one request stream per run of
-    contiguous months, each month yielded as soon as the stream has passed it."""
+    """Each month of `months`, fetched and validated; one request stream per run of
+    contiguous months. Months the plan does not cover come first, as unavailable."""
     ticker = market.provider_ticker(symbol)
     for run in contiguous_runs(months):
         windows = [Window.of_month(market, timeframe, symbol, m) for m in run]
-        first_day, last_day = run[0], windows[-1].last_day
-        stream = client.aggregate_pages(ticker, 1, timeframe.timespan, first_day, last_day)
-        current, buffered, request_ids, pages = 0, [], [], 0
-        for page in stream:
-            request_ids.append(page.request_id)
-            pages += 1
-            frame = page.frame
-            while frame.height:
-                last = current == len(windows) - 1
-                inside = frame if last else frame.filter(pl.col("ts") < windows[current].end)
-                buffered.append(inside)
-                if inside.height == frame.height:
-                    break
-                frame = frame.slice(inside.height)
-                yield _validated(windows[current], buffered, request_ids, pages)
-                current, buffered, request_ids, pages = current + 1, [], [page.request_id], 1
-        while current < len(windows):
-            yield _validated(windows[current], buffered, request_ids, pages)
-            current, buffered, request_ids, pages = current + 1, [], [], 0
+        try:
+            first = next(stream := _stream(client, ticker, market, windows))
+        except PolygonPlanLimit as refusal:
+            yield from _within_plan(client, ticker, market, windows, str(refusal))
+            continue
+        yield first
+        yield from stream
 
 
-def _validated(
-    target: Window, frames: list[pl.DataFrame], request_ids: list[str], pages: int
-) -> FetchedWindow:
-    raw = pl.concat(frames) if frames else empty_bars()
-    return FetchedWindow(target, validate(raw, target.start, target.end), list(request_ids), pages)
+def _within_plan(
+    client: PolygonClient, ticker: str, market: Market, windows: list[Window], refusal: str
+) -> Iterator[FetchedWindow]:
+    """The months the plan covers, fetched; the older ones, which it does not, unavailable.
+
+    A plan's history reaches back a fixed time, so the covered months are the newest ones:
+    a binary search with one-month probes finds the first, then they load as one stream.
+    """
+    first_covered, newest = 0, len(windows)
+    low, high = 0, newest
+    while low < high:
+        probe = (low + high) // 2
+        try:
+            for _ in _stream(client, ticker, market, windows[probe : probe + 1]):
+                pass
+            high = probe
+        except PolygonPlanLimit:
+            low = probe + 1
+    first_covered = low
+    for window in windows[:first_covered]:
+        yield FetchedWindow(window, None, unavailable=refusal)
+    if first_covered < newest:
+        yield from _stream(client, ticker, market, windows[first_covered:])
+
+
+def _stream(
+    client: PolygonClient, ticker: str, market: Market, windows: list[Window]
+) -> Iterator[FetchedWindow]:
+    """The windows of one request stream, validated, each as soon as the stream passed it."""
+    first, last = windows[0], windows[-1]
+    pages = client.aggregate_pages(ticker, 1, first.timeframe.timespan, first.month, last.last_day)
+    parts = [_Gathered() for _ in windows]
+    ends = pl.Series([w.end for w in windows[:-1]], dtype=pl.Datetime("ms", "UTC"))
+    done, late, fetched_at = 0, set(), datetime.now(UTC)
+    for page in pages:
+        fetched_at = page.received_at or datetime.now(UTC)
+        frame = page.frame
+        if frame.height:
+            # Bars before the first month go to it, after the last to the last (validation
+            # rejects them as outside the window); a bar without a time goes to the first.
+            routed = frame.with_columns(
+                _window=ends.search_sorted(frame["ts"], side="right").fill_null(0)
+            )
+            for (index,), part in routed.partition_by("_window", as_dict=True).items():
+                if index < done:  # its month was loaded before this bar arrived
+                    late.add(index)
+                    continue
+                parts[index].add(part.drop("_window"), page.request_id)
+            # Asked in ascending order, the stream has passed every month before its latest
+            # bar; a bar of such a month that still comes later is late (see below).
+            latest = frame["ts"].max()
+            while done < len(windows) - 1 and latest is not None and latest >= ends[done]:
+                yield parts[done].validated(windows[done], market, fetched_at)
+                done += 1
+    for index in range(done, len(windows)):
+        yield parts[index].validated(windows[index], market, fetched_at)
+    for index in sorted(late):
+        log.warning(
+            "%s %s: bars arrived after the month was loaded; fetching it again",
+            ticker,
+            f"{windows[index].month:%Y-%m}",
+        )
+        yield from _stream(client, ticker, market, [windows[index]])
+
+
+@dataclass
+class _Gathered:
+    """The bars of one window received so far, and the pages they came in."""
+
+    frames: list[pl.DataFrame] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+
+    def add(self, frame: pl.DataFrame, request_id: str) -> None:
+        self.frames.append(frame)
+        if request_id not in self.request_ids:
+            self.request_ids.append(request_id)
+
+    def validated(self, window: Window, market: Market, fetched_at: datetime) -> FetchedWindow:
+        raw = pl.concat(self.frames, how="diagonal") if self.frames else empty_bars()
+        validation = validate(raw, window, market, fetched_at)
+        return FetchedWindow(window, validation, self.request_ids, len(self.request_ids))
 
 
 T = TypeVar("T")
@@ -172,4 +265,6 @@ def read_ahead(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
         yield consume()
     finally:
         stop.set()
-        worker.join()
+        worker.join(WORKER_STOP_SECONDS)
+        if worker.is_alive():
+            log.warning("the read-ahead worker is still in a request; leaving it behind")

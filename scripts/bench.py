@@ -166,7 +166,7 @@ def render(client: PolygonClient, symbol: str, months: list[date]) -> pl.DataFra
 def pipeline(url: str, base_url: str, symbols: list[str], months: list[date]) -> int:
     with PolygonClient(None, base_url) as client, db.connection(url) as conn:
         return sum(
-            outcome.load.rows_loaded
+            outcome.load.rows_loaded if outcome.load else 0
             for symbol in symbols
             for outcome in ingest(
                 client,

@@ -35,6 +35,7 @@ def main() -> None:
             symbol=symbol,
             months=months,
         ):
+            assert outcome.load is not None, outcome.refused
             print(f"loaded {outcome.window.month} {outcome.load.rows_loaded}", flush=True)
 
 

@@ -33,10 +33,10 @@ def test_bench_runs_every_loader_and_a_dagster_backfill(pg_admin_url, tmp_path) 
     methods = {r["method"]: r for r in figures["results"]}
     assert len(methods) == 12 and all(r["bars_per_second"] > 0 for r in methods.values())
     bars = figures["workload"]["bars"]
-    assert methods["pipeline path: fetch, decode, validate, load"]["bars"] == bars > 100_000
+    assert methods["pipeline path: fetch, decode, validate, load"]["bars"] == bars > 60_000
     assert methods["one INSERT per row, commit each"]["bars"] == 2000
     # Fewer symbols than months: Dagster makes one ranged run per symbol.
     assert figures["dagster"]["runs"] == 2 and figures["dagster"]["partitions"] == 6
-    assert 1_100_000 < methods["ranged run of SPY, 5 years, own process"]["bars"] < 1_300_000
+    assert 600_000 < methods["ranged run of SPY, 5 years, own process"]["bars"] < 800_000
     assert {t["name"] for t in figures["targets"]} >= {"pipeline / binary COPY"}
     assert "pipeline / binary COPY" in done.stdout and "MiB" in done.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -21,7 +20,6 @@ from marketdata_pipeline.polygon.client import (
     RetryPolicy,
     decode_page,
 )
-from marketdata_pipeline.polygon.rate_limit import RateLimiter
 from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
 from tests.conftest import bars_frame
 
@@ -99,11 +97,8 @@ def test_optional_fields_absent_become_nulls_and_no_results_is_an_empty_typed_fr
     [
         ({"ticker": "MSFT"}, "answered for 'MSFT'"),
         ({"adjusted": False}, "adjusted=False"),
-        (
-            {"results": [{"o": "one", "h": 2, "l": 1, "c": 1, "v": 1, "t": 1}]},
-            "breaks the aggregates schema",
-        ),
-        ({"results": [{"o": 1, "h": 2, "l": 1, "c": 1, "v": 1}]}, "without a timestamp"),
+        ({"results": "no bars"}, "breaks the aggregates schema"),
+        ({"results": [["a", "list"]]}, "breaks the aggregates schema"),
         ({"status": "ERROR"}, "unexpected body"),
     ],
 )
@@ -115,19 +110,46 @@ def test_schema_breaking_bodies_fail_with_the_request_id(change: dict, message: 
     assert "12afda77aab3b1936c5fb6ef4241ae42" in str(raised.value)
 
 
+def test_values_of_the_wrong_type_are_never_coerced_but_named() -> None:
+    body = json.loads((FIXTURES / "aggs_AAPL_1_day_2005-04-01_2005-04-04.json").read_text())
+    good = body["results"][0]
+    body["results"] = [
+        good | {"o": True},
+        good | {"n": 100000000000000000000},
+        good | {"c": "one"},
+        {k: v for k, v in good.items() if k != "t"},
+        good,
+    ]
+    page = decode_page(json.dumps(body).encode(), ticker="AAPL", adjusted=True)
+    frame = page.frame
+    assert frame.height == 5, "every bar is kept, to be quarantined with its reason"
+    assert frame["open"][0] is None and frame["trades"][1] is None and frame["close"][2] is None
+    assert frame["defects"].to_list() == [
+        ["open is a boolean (true), not a number"],
+        ["trades is not an integer in range (100000000000000000000)"],
+        ["close is not a number in range (one)"],
+        [],
+        [],
+    ]
+    assert frame["ts"][3] is None
+    assert frame.row(4)[:8] == decode_page(
+        json.dumps(body | {"results": [good]}).encode(), ticker="AAPL", adjusted=True
+    ).frame.row(0)
+
+
 # -- pagination and data ------------------------------------------------------------------
 
 
 def test_pagination_over_three_pages_loses_and_repeats_nothing(sim: Simulator) -> None:
     client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
-    pages = list(client.aggregate_pages("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 6, 30)))
+    pages = list(client.aggregate_pages("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 12, 31)))
     assert len(pages) >= 3
     assert all(p.frame.height <= 50_000 for p in pages)
     assert len({p.request_id for p in pages}) == len(pages)
     got = pl.concat([p.frame for p in pages])
     assert got["ts"].is_unique().all()
     assert got["ts"].is_sorted()
-    assert got.equals(expected_frame(sim, "AAPL", "minute", date(2024, 1, 1), date(2024, 6, 30)))
+    assert got.equals(expected_frame(sim, "AAPL", "minute", date(2024, 1, 1), date(2024, 12, 31)))
     assert len(sim.requests) == len(pages)
     assert "limit=50000" in sim.requests[0] and "adjusted=true" in sim.requests[0]
     assert all("cursor=" in r for r in sim.requests[1:])
@@ -136,7 +158,7 @@ def test_pagination_over_three_pages_loses_and_repeats_nothing(sim: Simulator) -
 def test_next_url_is_followed_on_the_configured_host_only(sim: Simulator) -> None:
     sim.base_url = "https://attacker.example"
     client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
-    frame = client.aggregates("MSFT", 1, "minute", date(2024, 1, 1), date(2024, 3, 31))
+    frame = client.aggregates("MSFT", 1, "minute", date(2024, 1, 1), date(2024, 6, 30))
     assert frame.height > 50_000  # needed a second page, fetched from polygon.test
 
 
@@ -282,19 +304,20 @@ def test_the_key_never_leaks(sim: Simulator, server, caplog: pytest.LogCaptureFi
     client = socket_client(server)
     seen.append(repr(client))
     seen.append(
-        str(client.aggregates("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 3, 31)).head())
+        str(client.aggregates("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 6, 30)).head())
     )
     scenarios = [
         Faults(server_errors=-1, after_requests=1),  # fails mid-pagination, after page one
         Faults(truncated=1, after_requests=1),
         Faults(not_authorized=True, after_requests=1),
         Faults(rate_limited=-1, after_requests=1, retry_after=0),
+        Faults(echo_key=True, after_requests=1),  # a gateway that reflects the key
     ]
     for faults in scenarios:
         sim.clear_faults()
         sim.inject(faults)
         with pytest.raises(Exception) as raised:
-            list(client.aggregate_pages("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 3, 31)))
+            list(client.aggregate_pages("AAPL", 1, "minute", date(2024, 1, 1), date(2024, 6, 30)))
         seen += [str(raised.value), repr(raised.value), str(raised.value.__cause__)]
         seen += [str(raised.value.__context__)]
     wrong = PolygonClient("pk_live_WRONG_KEY_0001", server.url, retry=FAST_RETRY)
@@ -308,51 +331,3 @@ def test_the_key_never_leaks(sim: Simulator, server, caplog: pytest.LogCaptureFi
     assert KEY not in everything
     assert "pk_live_WRONG_KEY_0001" not in everything
     assert "apiKey" not in "\n".join(sim.requests)
-
-
-# -- rate limit --------------------------------------------------------------------------
-
-
-def test_rate_limiter_allows_at_most_n_per_minute_across_threads() -> None:
-    clock = [0.0]
-    lock = threading.Lock()
-    stamps: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        with lock:
-            clock[0] += seconds
-
-    limiter = RateLimiter(5, clock=lambda: clock[0], sleep=sleep)
-
-    def worker() -> None:
-        for _ in range(4):
-            limiter.acquire()
-            with lock:
-                stamps.append(clock[0])
-
-    threads = [threading.Thread(target=worker) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stamps.sort()
-    assert len(stamps) == 20
-    for i in range(len(stamps) - 5):
-        assert stamps[i + 5] - stamps[i] >= 60.0 - 1e-9
-
-
-def test_client_honours_the_per_process_limit(sim: Simulator) -> None:
-    client = PolygonClient(
-        KEY, "http://polygon.test", transport=sim.transport(), max_requests_per_minute=2
-    )
-    client.aggregates("AAPL", 1, "day", date(2024, 1, 2), date(2024, 1, 2))
-    client.aggregates("AAPL", 1, "day", date(2024, 1, 3), date(2024, 1, 3))
-    waiter = threading.Thread(
-        target=client.aggregates,
-        args=("AAPL", 1, "day", date(2024, 1, 4), date(2024, 1, 4)),
-        daemon=True,
-    )
-    waiter.start()
-    waiter.join(timeout=1.0)
-    assert waiter.is_alive(), "a third request within the minute must wait"
-    assert len(sim.requests) == 2

@@ -10,7 +10,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from marketdata_pipeline.defs.admin_jobs import add_symbol, create_api_key, remove_symbol
+from marketdata_pipeline.defs.admin_jobs import (
+    add_symbol,
+    create_api_key,
+    remove_symbol,
+    revoke_key,
+)
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.sensors import (
     backfill_status_sensor,
@@ -19,6 +24,7 @@ from marketdata_pipeline.defs.sensors import (
 )
 from marketdata_pipeline.domain import AssetClass
 from marketdata_pipeline.polygon.simulator import Faults
+from marketdata_pipeline.registry import api_keys as apikeys
 from marketdata_pipeline.registry import backfill_state
 from marketdata_pipeline.registry import symbols as registry
 from marketdata_pipeline.warehouse import connection as db
@@ -225,3 +231,83 @@ def test_polygon_key_stays_out_of_resource_config() -> None:
         assert "pk_secret_never_shown" not in repr(resource)
     finally:
         del os.environ["POLYGON_API_KEY_TEST_ONLY"]
+
+
+def step_failure(result: dg.ExecuteInProcessResult) -> str:
+    """The one failed step's error message, as the run's event log shows it."""
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert failure.step_failure_data is not None
+    error = failure.step_failure_data.error
+    assert error is not None
+    return error.message
+
+
+def create_key(instance: dg.DagsterInstance, name: str) -> dg.ExecuteInProcessResult:
+    return create_api_key.execute_in_process(
+        instance=instance,
+        resources=RESOURCES,
+        run_config={"ops": {"issue_api_key": {"config": {"name": name}}}},
+        raise_on_error=False,
+    )
+
+
+def test_create_api_key_never_writes_through_a_link(url, instance, tmp_path: Path) -> None:
+    directory = tmp_path / "api-keys"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not yours\n")
+    (directory / "key-2.txt").symlink_to(elsewhere)
+
+    linked = create_key(instance, "linked")
+    assert not linked.success
+    message = step_failure(linked)
+    assert "API key 2 was created" in message and "revoke it" in message, message
+    assert "marketdata keys revoke 2" in message
+    assert len(message.strip().splitlines()) == 1, message
+    assert elsewhere.read_text() == "not yours\n", "the link's target is untouched"
+    assert (directory / "key-2.txt").is_symlink()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700, "an existing directory is tightened"
+    with db.connection(url) as conn:
+        assert apikeys.get(conn, 2).name == "linked", "the key row exists: revoke it"
+
+    (directory / "key-3.txt").write_text("an older file\n")
+    existing = create_key(instance, "existing")
+    assert not existing.success
+    assert "API key 3 was created" in step_failure(existing)
+    assert (directory / "key-3.txt").read_text() == "an older file\n"
+
+    fresh = create_key(instance, "fresh")
+    assert fresh.success
+    key_file = directory / "key-4.txt"
+    assert key_file.read_text().startswith("mdw_")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def test_create_api_key_refuses_a_linked_directory(url, instance, tmp_path: Path) -> None:
+    target = tmp_path / "shared"
+    target.mkdir(mode=0o777)
+    (tmp_path / "api-keys").symlink_to(target)
+    result = create_key(instance, "ops")
+    assert not result.success
+    assert "API key 2 was created" in step_failure(result)
+    assert list(target.iterdir()) == []
+
+
+def test_create_api_key_makes_a_private_directory(url, instance, tmp_path: Path) -> None:
+    assert create_key(instance, "ops").success
+    assert stat.S_IMODE((tmp_path / "api-keys").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "api-keys" / "key-2.txt").stat().st_mode) == 0o600
+
+
+def test_revoke_key_job_with_an_id_beyond_bigint_fails_with_one_line(url, instance) -> None:
+    result = revoke_key.execute_in_process(
+        instance=instance,
+        resources=RESOURCES,
+        run_config={"ops": {"revoke_api_key": {"config": {"key_id": 99999999999999999999}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    message = step_failure(result)
+    assert "no API key with id 99999999999999999999" in message, message
+    assert "NumericValueOutOfRange" not in message

@@ -7,6 +7,9 @@ import click
 from marketdata_pipeline.cli.common import table, warehouse, when
 from marketdata_pipeline.registry import api_keys
 
+# Bounded so an id beyond the bigint column is a usage error, not a PostgreSQL error.
+KEY_ID = click.IntRange(1, api_keys.MAX_KEY_ID)
+
 
 @click.group("keys")
 def keys_group() -> None:
@@ -40,7 +43,7 @@ def keys_list() -> None:
 
 def _key_action(action: str, verb: str) -> click.Command:
     @keys_group.command(action, help=f"{verb.capitalize()} the key with id KEY_ID.")
-    @click.argument("key_id", type=int)
+    @click.argument("key_id", type=KEY_ID)
     def command(key_id: int) -> None:
         with warehouse() as conn:
             getattr(api_keys, action)(conn, key_id)
@@ -55,7 +58,7 @@ keys_delete = _key_action("delete", "deleted")
 
 
 @keys_group.command("audit")
-@click.option("--key", "key_id", type=int, help="Only this key's uses.")
+@click.option("--key", "key_id", type=KEY_ID, help="Only this key's uses.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
 def keys_audit(key_id: int | None, limit: int, offset: int) -> None:

@@ -7,35 +7,66 @@ import threading
 
 import click
 
-from marketdata_pipeline.polygon.simulator import Faults, Simulator, serve
+from marketdata_pipeline.polygon.simulator import ORDERS, PLANS, Faults, Simulator, serve
 
-# --fault KIND: (field of Faults, its type, value when no "=N" is given)
-FAULT_KINDS: dict[str, tuple[str, type, float]] = {
+# --fault KIND: (field of Faults, its type, value when no "=VALUE" is given; None: required)
+FAULT_KINDS: dict[str, tuple[str, type, object]] = {
     "rate-limit": ("rate_limited", int, -1),
     "server-error": ("server_errors", int, -1),
     "truncated": ("truncated", int, -1),
+    "empty": ("empty_results", int, -1),
     "slow": ("delay_seconds", float, 1.0),
-    "not-authorized": ("not_authorized", bool, 1),
+    "not-authorized": ("not_authorized", bool, True),
+    "delayed": ("delayed", bool, True),
+    "repeat-cursor": ("repeat_cursor", bool, True),
+    "echo-key": ("echo_key", bool, True),
+    "order": ("order", str, None),
     "bad-ohlc": ("bad_ohlc_every", int, 10),
     "repeat-timestamp": ("repeat_timestamp_every", int, 10),
+    "late": ("late_every", int, 10),
+    "wrong-types": ("wrong_types_every", int, 10),
+    "spike": ("spike_every", int, 100),
 }
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def parse_fault(spec: str) -> tuple[str | None, str, object]:
-    """`KIND[=N][@TICKER]`, e.g. `rate-limit=3@AAPL`, `slow=2`, `not-authorized@X:BTCUSD`."""
+    """`KIND[=VALUE][@TICKER]`, e.g. `rate-limit=3@AAPL`, `slow=2`, `order=desc`,
+    `not-authorized@X:BTCUSD`."""
     body, _, ticker = spec.partition("@")
-    kind, _, raw = body.partition("=")
+    kind, has_value, raw = body.partition("=")
     if kind not in FAULT_KINDS:
         raise click.BadParameter(
             f"unknown fault {kind!r}: expected one of {', '.join(FAULT_KINDS)}",
             param_hint="--fault",
         )
     field, kind_type, default = FAULT_KINDS[kind]
+    if not has_value:
+        if default is None:
+            raise click.BadParameter(f"{spec!r}: {kind} needs a value", param_hint="--fault")
+        return ticker or None, field, default
+    return ticker or None, field, _value(spec, kind, kind_type, raw)
+
+
+def _value(spec: str, kind: str, kind_type: type, raw: str) -> object:
+    def bad(expected: str) -> click.BadParameter:
+        return click.BadParameter(f"{spec!r}: {kind} takes {expected}", param_hint="--fault")
+
+    if kind_type is bool:
+        if raw.lower() not in _TRUE + _FALSE:
+            raise bad("no value, true or false")
+        return raw.lower() in _TRUE
+    if kind_type is str:
+        if raw not in ORDERS:
+            raise bad(f"one of {', '.join(ORDERS)}")
+        return raw
     try:
-        value = float(raw) if raw else default
+        value = kind_type(raw)
     except ValueError:
-        raise click.BadParameter(f"{spec!r}: N must be a number", param_hint="--fault") from None
-    return ticker or None, field, kind_type(value)
+        raise bad("a whole number" if kind_type is int else "a number") from None
+    if value < 0 and not (kind_type is int and value == -1):
+        raise bad("a positive value (or -1: every request)")
+    return value
 
 
 @click.command("simulator")
@@ -45,9 +76,15 @@ def parse_fault(spec: str) -> tuple[str | None, str, object]:
     "--fault",
     "faults",
     multiple=True,
-    metavar="KIND[=N][@TICKER]",
+    metavar="KIND[=VALUE][@TICKER]",
     help="Inject a fault (repeatable; a count without =N never runs out). "
     f"Kinds: {', '.join(FAULT_KINDS)}.",
+)
+@click.option(
+    "--plan",
+    type=click.Choice(PLANS),
+    default=None,
+    help="Play a plan's limits: free is 5 requests a minute per key and 2 years of history.",
 )
 @click.option(
     "--cache-pages",
@@ -56,13 +93,17 @@ def parse_fault(spec: str) -> tuple[str | None, str, object]:
     type=click.IntRange(0),
     help="Rendered pages kept to answer repeated requests without rebuilding them.",
 )
-def simulator_command(host: str, port: int, faults: tuple[str, ...], cache_pages: int) -> None:
+def simulator_command(
+    host: str, port: int, faults: tuple[str, ...], plan: str | None, cache_pages: int
+) -> None:
     """Serve a Polygon-compatible aggregates API with synthetic bars (offline work, tests).
 
     A key is required only when SIMULATOR_API_KEY is set. Bars are synthetic: never load them
     into a warehouse that holds real data.
     """
-    sim = Simulator(api_key=os.environ.get("SIMULATOR_API_KEY") or None, cache_pages=cache_pages)
+    sim = Simulator(
+        api_key=os.environ.get("SIMULATOR_API_KEY") or None, cache_pages=cache_pages, plan=plan
+    )
     by_ticker: dict[str | None, dict[str, object]] = {}
     for spec in faults:
         ticker, field, value = parse_fault(spec)

@@ -1,5 +1,6 @@
 """Jobs an operator launches from the UI's launchpad: symbols and API keys."""
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,11 +85,41 @@ def revoke_api_key(
     context.log.info(f"revoked API key {key.id} ({key.name})")
 
 
+_UNSAFE = {
+    errno.EEXIST: "a file or link is already there",
+    errno.ELOOP: "the directory is a symbolic link",
+    errno.ENOTDIR: "the directory is not a directory",
+}
+
+
 def _deliver(key_id: int, raw: str) -> Path:
+    """Write the raw key to a new file only this account can read, or fail the run.
+
+    Never through a link or into a file that is already there: whoever placed it could read
+    the key, or have it overwrite another file. The directory is opened once without following
+    a link, and the file is created relative to that descriptor, so what is checked is what is
+    written to.
+    """
     directory = config.marketdata_home() / "api-keys"
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / f"key-{key_id}.txt"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if os.fstat(dir_fd).st_uid != os.geteuid():
+                raise PermissionError(errno.EPERM, "the directory is owned by another user")
+            os.fchmod(dir_fd, 0o700)  # one that was already there may be open to others
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            descriptor = os.open(path.name, flags, 0o600, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as error:
+        reason = _UNSAFE.get(error.errno or 0) or error.strerror or "unknown error"
+        raise dg.Failure(
+            description=f"API key {key_id} was created, but its raw key could not be written "
+            f"safely to {path} ({reason}); revoke it (marketdata keys revoke {key_id}) and "
+            "create another"
+        ) from None
     with os.fdopen(descriptor, "w") as handle:
         handle.write(raw + "\n")
     return path

@@ -8,6 +8,7 @@ from datetime import date
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
 from marketdata_pipeline.defs.partitions import bars_partitions, month_and_symbol, partition_key
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
@@ -25,6 +26,7 @@ from marketdata_pipeline.quality.coverage import (
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 
 OWNERS = ["team:market-data"]
+UNAVAILABLE = "unavailable"  # observation metadata: the provider's words on a month it refused
 GROUP = "market_data"
 PREVIEW_ROWS = 5
 # A run takes at most ten years of months of one symbol (or one month of many symbols):
@@ -128,6 +130,15 @@ def months_by_symbol(spec: BarsAsset, partition_keys: Sequence[str]) -> dict[str
     return {symbol: sorted(months) for symbol, months in sorted(grouped.items())}
 
 
+class BarsRunConfig(dg.Config):
+    accept_shrink: bool = Field(
+        default=False,
+        description="Load a month even when the fetch would empty it or remove more than half "
+        "of its bars. Off, such a month keeps its bars and its partition fails: a provider "
+        "glitch looks like that (a delisting or a large correction can too).",
+    )
+
+
 def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
     @dg.asset(
         name=spec.name,
@@ -146,11 +157,21 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
         },
     )
     def bars_asset(
-        context: dg.AssetExecutionContext, polygon: PolygonResource, warehouse: WarehouseResource
-    ) -> Iterator[dg.AssetMaterialization | dg.AssetCheckResult]:
+        context: dg.AssetExecutionContext,
+        config: BarsRunConfig,
+        polygon: PolygonResource,
+        warehouse: WarehouseResource,
+    ) -> Iterator[dg.AssetMaterialization | dg.AssetObservation | dg.AssetCheckResult]:
         summaries: list[_Summary] = []
-        yield from _materialize(context, spec, polygon, warehouse, summaries)
+        refused: list[str] = []
+        yield from _materialize(context, spec, config, polygon, warehouse, summaries, refused)
         yield from _check_results(spec, summaries)
+        if refused:
+            raise dg.Failure(
+                description=f"{spec.name}: {len(refused)} month(s) refused, they keep their "
+                f"bars: {refused[0]}" + (f" (and {len(refused) - 1} more)" if refused[1:] else ""),
+                metadata={"refused": "\n".join(refused)},
+            )
 
     return bars_asset
 
@@ -158,16 +179,19 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
 def _materialize(
     context: dg.AssetExecutionContext,
     spec: BarsAsset,
+    config: BarsRunConfig,
     polygon: PolygonResource,
     warehouse: WarehouseResource,
     summaries: list[_Summary],
-) -> Iterator[dg.AssetMaterialization]:
-    """Run the pipeline over the run's months of each symbol, one materialization a month."""
+    refused: list[str],
+) -> Iterator[dg.AssetMaterialization | dg.AssetObservation]:
+    """Run the pipeline over the run's months of each symbol: a materialization for each
+    month loaded, an observation for each month the provider's plan does not cover."""
     source = polygon.source_label()
     if polygon.simulated:
         context.log.warning(f"SIMULATED DATA: bars come from {source}, not from Polygon")
     plan = months_by_symbol(spec, context.partition_keys)
-    with polygon.client() as client, warehouse.connection() as conn:
+    with polygon.client(warehouse.url()) as client, warehouse.connection() as conn:
         for symbol, months in plan.items():
             context.log.info(f"{symbol}: {len(months)} month(s) {months[0]:%Y-%m}..")
             try:
@@ -179,15 +203,28 @@ def _materialize(
                     symbol=symbol,
                     months=months,
                     run_id=context.run.run_id,
+                    accept_shrink=config.accept_shrink,
                 ):
-                    summary = _summarize(spec, outcome)
-                    summaries.append(summary)
-                    yield dg.AssetMaterialization(
-                        asset_key=context.asset_key,
-                        partition=partition_key(outcome.window.month, symbol),
-                        description=source,
-                        metadata=_metadata(outcome, summary, source, polygon.base_url),
-                    )
+                    key = partition_key(outcome.window.month, symbol)
+                    if outcome.unavailable:
+                        yield dg.AssetObservation(
+                            asset_key=context.asset_key,
+                            partition=key,
+                            description=f"not covered by the provider's plan ({source})",
+                            metadata={UNAVAILABLE: outcome.unavailable, "source": source},
+                        )
+                    elif outcome.refused:
+                        context.log.error(outcome.refused)
+                        refused.append(outcome.refused)
+                    else:
+                        summary = _summarize(spec, outcome)
+                        summaries.append(summary)
+                        yield dg.AssetMaterialization(
+                            asset_key=context.asset_key,
+                            partition=key,
+                            description=source,
+                            metadata=_metadata(outcome, summary, source, polygon.base_url),
+                        )
             except PolygonError as error:
                 # Months already loaded stay loaded; the failing month keeps its old bars.
                 raise dg.Failure(
@@ -197,6 +234,7 @@ def _materialize(
 
 
 def _summarize(spec: BarsAsset, outcome: WindowOutcome) -> _Summary:
+    assert outcome.validation is not None and outcome.load is not None
     valid, window = outcome.validation.valid, outcome.window
     reasons = (
         outcome.validation.rejected.select(pl.col("reasons").explode())
@@ -217,6 +255,7 @@ def _summarize(spec: BarsAsset, outcome: WindowOutcome) -> _Summary:
 def _metadata(
     outcome: WindowOutcome, summary: _Summary, source: str, base_url: str
 ) -> dict[str, dg.MetadataValue | str | int | float]:
+    assert outcome.validation is not None and outcome.load is not None
     valid = outcome.validation.valid
     metadata: dict[str, dg.MetadataValue | str | int | float] = {
         "dagster/row_count": summary.loaded,
@@ -224,8 +263,9 @@ def _metadata(
         "rows_rejected": summary.rejected,
         "rows_flagged": outcome.validation.flagged.height,
         "rows_replaced": outcome.load.rows_replaced,
-        "validation_rate": dg.MetadataValue.float(round(outcome.validation.rate, 6)),
-        "coverage": dg.MetadataValue.float(round(summary.coverage.ratio, 4)),
+        "rows_received": outcome.validation.received,
+        "validation_rate": _ratio(outcome.validation.rate, 6),
+        "coverage": _ratio(summary.coverage.ratio, 4),
         "pages": outcome.pages,
         "request_ids": ", ".join(outcome.request_ids) or "(none)",
         "source": source,
@@ -253,7 +293,7 @@ def _check_results(spec: BarsAsset, summaries: list[_Summary]) -> Iterator[dg.As
         passed=worst_rate <= MAX_REJECTION_RATE,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
-            "worst_rate": dg.MetadataValue.float(round(worst_rate, 6)),
+            "worst_rate": _ratio(worst_rate if worst else None, 6),
             "worst_partition": f"{worst.month}|{worst.symbol}" if worst else "(none)",
             "threshold": MAX_REJECTION_RATE,
             "rows_rejected": total_rejected,
@@ -270,8 +310,17 @@ def _check_results(spec: BarsAsset, summaries: list[_Summary]) -> Iterator[dg.As
         metadata={
             "missing_days": len(missing),
             "missing": ", ".join(f"{d} ({symbol})" for d, symbol in missing[:30]) or "none",
-            "coverage": dg.MetadataValue.float(round(present / expected, 4) if expected else 1.0),
+            "coverage": _ratio(present / expected if expected else None, 4),
         },
+    )
+
+
+def _ratio(value: float | None, digits: int) -> dg.MetadataValue:
+    """A share as a number, or "-" when there was nothing to measure it on."""
+    return (
+        dg.MetadataValue.text("-")
+        if value is None
+        else dg.MetadataValue.float(round(value, digits))
     )
 
 

@@ -13,6 +13,7 @@ from marketdata_pipeline.config import POLYGON_OFFICIAL_BASE_URL
 from marketdata_pipeline.polygon.client import PolygonClient, RetryPolicy
 from marketdata_pipeline.warehouse import embedded
 from marketdata_pipeline.warehouse.connection import connection as open_connection
+from marketdata_pipeline.warehouse.request_limit import SharedRequestLimit
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -39,7 +40,9 @@ class PolygonResource(dg.ConfigurableResource):
     )
     base_url: str = Field(default=POLYGON_OFFICIAL_BASE_URL, description="Polygon's base URL.")
     max_requests_per_minute: int | None = Field(
-        default=None, description="Client-side limit per process (5 on the free plan)."
+        default=None,
+        description="The key's request limit (5 on the free plan), shared by every process "
+        "of the deployment through the warehouse.",
     )
     retry_attempts: int = Field(default=6, description="Attempts per request (429, 5xx).")
     retry_max_seconds: float = Field(
@@ -54,11 +57,17 @@ class PolygonResource(dg.ConfigurableResource):
             return f"Polygon simulator at {self.base_url} (synthetic bars)"
         return f"Polygon at {self.base_url}"
 
-    def client(self) -> PolygonClient:
+    def client(self, warehouse_url: str) -> PolygonClient:
+        """A client whose requests count against the key's limit in the warehouse."""
+        limit = (
+            SharedRequestLimit(warehouse_url, self.api_key, self.max_requests_per_minute)
+            if self.max_requests_per_minute
+            else None
+        )
         return PolygonClient(
             self.api_key,
             self.base_url,
-            max_requests_per_minute=self.max_requests_per_minute,
+            rate_limiter=limit,
             retry=RetryPolicy(
                 max_attempts=self.retry_attempts, max_total_seconds=self.retry_max_seconds
             ),

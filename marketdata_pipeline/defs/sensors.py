@@ -8,7 +8,7 @@ import dagster as dg
 import psycopg
 
 from marketdata_pipeline import config
-from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, BarsAsset
+from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, UNAVAILABLE, BarsAsset
 from marketdata_pipeline.defs.partitions import month_and_symbol, months
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS
@@ -167,9 +167,11 @@ def window_states(
     at = _utc(event.timestamp)
     kind = event.dagster_event_type
     loaded: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+    unavailable: dict[tuple[str, str], str] = {}
     error = None
     if kind != dg.DagsterEventType.RUN_START:
         loaded = _loaded_windows(instance, run.run_id)
+        unavailable = _unavailable_windows(instance, run.run_id)
     if kind == dg.DagsterEventType.RUN_FAILURE:
         error = _failure_message(instance, run.run_id, event)
     states = []
@@ -177,10 +179,16 @@ def window_states(
         for key in keys:
             month, symbol = month_and_symbol(BARS_ASSETS[asset].partitions, key)
             rows = loaded.get((asset, key))
+            not_covered = unavailable.get((asset, key))
+            status = "failed"
+            finished: datetime | None = at
+            reason: str | None = error or "run failed"
             if kind == dg.DagsterEventType.RUN_START:
-                status, finished = "in_progress", None
-            else:
-                status, finished = ("completed" if rows else "failed"), at
+                status, finished, reason = "in_progress", None, None
+            elif rows:
+                status, reason = "completed", None
+            elif not_covered:
+                status, reason = "unavailable", not_covered
             states.append(
                 backfill_state.WindowState(
                     asset=asset,
@@ -192,7 +200,7 @@ def window_states(
                     finished_at=finished,
                     rows_loaded=rows[0] if rows else None,
                     rows_rejected=rows[1] if rows else None,
-                    error=None if status != "failed" else error or "run failed",
+                    error=reason,
                 )
             )
     return states
@@ -215,6 +223,21 @@ def _loaded_windows(
             _int(metadata.get("rows_rejected")),
         )
     return loaded
+
+
+def _unavailable_windows(instance: dg.DagsterInstance, run_id: str) -> dict[tuple[str, str], str]:
+    """(asset, partition) -> the provider's words, for months its plan does not cover."""
+    found = {}
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
+    for record in records.records:
+        observation = record.event_log_entry.asset_observation
+        if observation is None or observation.partition is None:
+            continue
+        words = observation.metadata.get(UNAVAILABLE)
+        if words is not None:
+            key = (observation.asset_key.to_user_string(), observation.partition)
+            found[key] = str(getattr(words, "value", words))[:500]
+    return found
 
 
 def _failure_message(instance: dg.DagsterInstance, run_id: str, event: dg.EventLogEntry) -> str:

@@ -2,7 +2,9 @@
 
 The key travels only in the `Authorization: Bearer` header. `next_url` is followed by its
 path and query against the configured base URL, so the key never goes to a host the
-operator did not configure, whatever a response says.
+operator did not configure, whatever a response says; and any text a response echoes back
+is redacted before it can reach a message. Pagination is bounded: a cursor that repeats, or
+more pages than the range can hold, stops the stream with the request id.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import date
-from typing import Any
+from datetime import UTC, date, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,7 +26,6 @@ import tenacity
 
 from marketdata_pipeline.domain import BAR_SCHEMA, empty_bars
 from marketdata_pipeline.errors import MarketdataError
-from marketdata_pipeline.polygon.rate_limit import process_rate_limiter
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,14 @@ _ENVELOPE_SCHEMA = pl.Schema(
 _WIRE_TO_BAR = {"t": "ts", "o": "open", "h": "high", "l": "low", "c": "close", "v": "volume"}
 _WIRE_TO_BAR |= {"vw": "vwap", "n": "trades"}
 _OK_STATUSES = ("OK", "DELAYED")
+# A boolean, or an integer too long for int64, in a numeric field: polars' typed read would
+# quietly make it 1.0 or null, so such a page is decoded again with its fields as text.
+_SUSPECT_VALUE = re.compile(rb'"(?:[ohlcvnt]|vw)"\s*:\s*(?:true|false|-?\d{19,})')
+# Base bars a day can hold per timespan, to bound the pages a range can need.
+_BARS_PER_DAY = {"second": 86_400, "minute": 1_440, "hour": 24}
+_PLAN_LIMIT_WORDS = "plan doesn't include this data timeframe"
+_REDACTED = "[redacted]"
+_CREDENTIAL = re.compile(r"(?i)(bearer\s+|apikey=|api_key=|token=)[^\s&\"')]+")
 
 
 class PolygonError(MarketdataError):
@@ -68,6 +79,16 @@ class PolygonUnavailable(PolygonError):
     """429, 5xx or timeouts that outlasted the retry budget."""
 
 
+class PolygonPlanLimit(PolygonError):
+    """The plan does not cover the range asked (too old): final, not retried."""
+
+
+class RequestLimiter(Protocol):
+    """Waits until one more request fits the key's rate limit."""
+
+    def acquire(self) -> None: ...
+
+
 class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -78,10 +99,11 @@ class _Retryable(Exception):
 class Page:
     """One decoded response page."""
 
-    frame: pl.DataFrame
+    frame: pl.DataFrame  # BAR_SCHEMA, plus `defects` (list[str]) when a value was malformed
     request_id: str
     ticker: str
     next_url: str | None = None
+    received_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -99,12 +121,21 @@ def decode_page(
 
     Polars parses the body straight into typed columns (about twice as fast as json.loads
     and building a frame); only a body it refuses is parsed again, to say what is wrong.
-    `request_id` (the X-Request-Id header) names the response when the body cannot.
+    A value of the wrong type is never coerced: its bar gets a `defects` entry naming it,
+    and validation quarantines it. `request_id` (the X-Request-Id header) names the
+    response when the body cannot.
     """
+    strict = _SUSPECT_VALUE.search(content) is not None
     try:
-        parsed = pl.read_json(io.BytesIO(content), schema=_ENVELOPE_SCHEMA)
-    except pl.exceptions.PolarsError as error:
-        raise _diagnose(content, ticker, request_id, error) from None
+        parsed = pl.read_json(io.BytesIO(content), schema=_ENVELOPE_SCHEMA) if not strict else None
+    except pl.exceptions.PolarsError:
+        parsed = None  # a value of another type (a string price): read it as text below
+    if parsed is None:
+        strict = True
+        try:
+            parsed = pl.read_json(io.BytesIO(content), schema=_TEXT_ENVELOPE_SCHEMA)
+        except pl.exceptions.PolarsError as error:
+            raise _diagnose(content, ticker, request_id, error) from None
     envelope = parsed.drop("results").row(0, named=True) if parsed.height == 1 else {}
     where = f"for {ticker} (request id {envelope.get('request_id') or request_id or '?'})"
     if envelope.get("status") not in _OK_STATUSES:
@@ -117,12 +148,38 @@ def decode_page(
     if parsed["results"][0] is None:
         return Page(empty_bars(), request_id, ticker, envelope["next_url"])
     wire = parsed.select(pl.col("results").explode()).unnest("results")
-    if wire["t"].null_count():
-        raise PolygonResponseError(f"Polygon returned bars without a timestamp 't' {where}")
-    frame = wire.rename(_WIRE_TO_BAR).with_columns(
-        pl.col("ts").cast(pl.Datetime("ms")).dt.replace_time_zone("UTC")
-    )
-    return Page(frame.select(BAR_SCHEMA.names()), request_id, ticker, envelope["next_url"])
+    frame = _from_text(wire) if strict else wire.rename(_WIRE_TO_BAR)
+    frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"))
+    columns = [*BAR_SCHEMA.names(), *(["defects"] if strict else [])]
+    return Page(frame.select(columns), request_id, ticker, envelope["next_url"])
+
+
+_TEXT_ENVELOPE_SCHEMA = pl.Schema(
+    {
+        **{name: dtype for name, dtype in _ENVELOPE_SCHEMA.items() if name != "results"},
+        "results": pl.List(pl.Struct({name: pl.String() for name in _WIRE_SCHEMA})),
+    }
+)
+
+
+def _from_text(wire: pl.DataFrame) -> pl.DataFrame:
+    """Typed bar columns from text ones, and each bar's defects: booleans and values out of
+    their type's range become null with a reason, never a number."""
+    values, defects = [], []
+    for field, dtype in _WIRE_SCHEMA.items():
+        name, raw = _WIRE_TO_BAR[field], pl.col(field)
+        value = raw.cast(dtype, strict=False)
+        kind = "an integer" if dtype.is_integer() else "a number"
+        shown = raw.str.slice(0, 40)
+        values.append(value.alias(name))
+        defects.append(
+            pl.when(raw.is_in(["true", "false"]))
+            .then(pl.format("{} is a boolean ({}), not a number", pl.lit(name), shown))
+            .when(raw.is_not_null() & value.is_null())
+            .then(pl.format("{} is not {} in range ({})", pl.lit(name), pl.lit(kind), shown))
+        )
+    found = pl.concat_list(defects).list.drop_nulls()
+    return wire.select(*values, found.alias("defects"))
 
 
 def _diagnose(
@@ -152,7 +209,7 @@ class PolygonClient:
         api_key: str | None,
         base_url: str,
         *,
-        max_requests_per_minute: int | None = None,
+        rate_limiter: RequestLimiter | None = None,
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
@@ -164,9 +221,8 @@ class PolygonClient:
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
         )
-        self._limiter = (
-            process_rate_limiter(max_requests_per_minute) if max_requests_per_minute else None
-        )
+        self._secret = api_key or None
+        self._limiter = rate_limiter
         self._retry = retry or RetryPolicy()
 
     def __repr__(self) -> str:
@@ -198,6 +254,8 @@ class PolygonClient:
             "sort": "asc",
             "limit": MAX_LIMIT,
         }
+        max_pages = _max_pages(timespan, start, end)
+        followed: set[str] = set()
         next_target: str | None = path
         while next_target is not None:
             response = self._get(next_target, params, ticker)
@@ -207,9 +265,21 @@ class PolygonClient:
                 adjusted=adjusted,
                 request_id=response.headers.get("X-Request-Id"),
             )
-            yield page
+            yield Page(page.frame, page.request_id, ticker, page.next_url, datetime.now(UTC))
+            followed.add(next_target)
             next_target = _path_and_query(page.next_url) if page.next_url else None
             params = None  # the cursor in next_url carries them
+            if next_target in followed:
+                raise PolygonResponseError(
+                    f"Polygon repeated a page cursor for {ticker} {start}..{end} "
+                    f"(request id {page.request_id}): pagination stopped"
+                )
+            if next_target and len(followed) >= max_pages:
+                raise PolygonResponseError(
+                    f"Polygon sent more than {max_pages} pages for {ticker} {start}..{end}, "
+                    f"more than the range can hold (request id {page.request_id}): "
+                    "pagination stopped"
+                )
 
     def aggregates(
         self,
@@ -228,7 +298,13 @@ class PolygonClient:
                 ticker, multiplier, timespan, start, end, adjusted=adjusted
             )
         ]
-        return pl.concat(frames) if frames else empty_bars()
+        return pl.concat(frames, how="diagonal") if frames else empty_bars()
+
+    def redact(self, text: str) -> str:
+        """`text` without the key or anything that looks like a credential."""
+        if self._secret:
+            text = text.replace(self._secret, _REDACTED)
+        return _CREDENTIAL.sub(lambda m: m.group(1) + _REDACTED, text)
 
     def _get(self, target: str, params: dict[str, Any] | None, ticker: str) -> httpx.Response:
         policy = self._retry
@@ -265,7 +341,11 @@ class PolygonClient:
         status = response.status_code
         if status == 200:
             return response
-        message = _provider_message(response)
+        message = self.redact(_provider_message(response))
+        if _PLAN_LIMIT_WORDS in message.lower():
+            raise PolygonPlanLimit(
+                f"Polygon's plan does not cover this range for {ticker} ({status}): {message}"
+            )
         if status in (401, 403) or "NOT_AUTHORIZED" in message:
             raise PolygonAuthError(
                 f"Polygon refused the request for {ticker} ({status}): {message}"
@@ -285,18 +365,35 @@ def _wait_for(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]
     def wait(state: tenacity.RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
         if isinstance(error, _Retryable) and error.retry_after is not None:
-            return min(error.retry_after, policy.max_backoff)
+            # Never before the provider said: a retry inside its window is refused again.
+            return max(error.retry_after, backoff(state))
         return backoff(state)
 
     return wait
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    raw = response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(raw)) if raw else None
-    except ValueError:
+    """Retry-After as seconds, or as an HTTP date (RFC 9110); None when absent or unreadable."""
+    raw = (response.headers.get("Retry-After") or "").strip()
+    if not raw:
         return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def _max_pages(timespan: str, start: date, end: date) -> int:
+    """The most pages a fault-free answer for [start, end] can take, with one to spare."""
+    days = (end - start).days + 1
+    return days * _BARS_PER_DAY.get(timespan, 1) // MAX_LIMIT + 2
 
 
 def _provider_message(response: httpx.Response) -> str:

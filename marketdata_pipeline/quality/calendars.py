@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 
 import exchange_calendars
@@ -12,6 +12,7 @@ from marketdata_pipeline.domain import Market
 
 _CALENDAR_START = "1990-01-01"
 EXTENDED_CLOSE = time(20, 0)  # stock minute bars run until 20:00 New York
+ONE_DAY = timedelta(days=1)
 
 
 @lru_cache(maxsize=2)
@@ -29,6 +30,31 @@ def sessions(market: Market, first: date, last: date) -> list[date]:
         return [first + timedelta(days=i) for i in range((last - first).days + 1)]
     calendar = _calendar(market.exchange_calendar)
     return [ts.date() for ts in calendar.sessions_in_range(first.isoformat(), last.isoformat())]
+
+
+def trading_hours(market: Market, first: date, last: date) -> list[tuple[date, datetime, datetime]]:
+    """Each session of [first, last] with its regular trading hours [open, close) in UTC: the
+    exchange's (a half day closes early), or the whole day where the market never closes."""
+    if market.exchange_calendar is None:
+        return [
+            (
+                day,
+                datetime.combine(day, time(0), UTC),
+                datetime.combine(day, time(0), UTC) + ONE_DAY,
+            )
+            for day in sessions(market, first, last)
+        ]
+    if last < first:
+        return []
+    schedule = _calendar(market.exchange_calendar).schedule.loc[
+        first.isoformat() : last.isoformat()
+    ]
+    return [
+        (label.date(), opened.to_pydatetime(), closed.to_pydatetime())
+        for label, opened, closed in zip(
+            schedule.index, schedule["open"], schedule["close"], strict=True
+        )
+    ]
 
 
 def last_complete_session(market: Market, now: datetime) -> date:

@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime
 import polars as pl
 
 from marketdata_pipeline.domain import Market, Timeframe
-from marketdata_pipeline.quality.calendars import sessions
+from marketdata_pipeline.quality.calendars import sessions, trading_hours
 
 MAX_REJECTION_RATE = 0.01
 
@@ -23,20 +23,17 @@ def expected_days(market: Market, first: date, last: date, today: date) -> list[
     return [d for d in sessions(market, first, min(last, today)) if d < today]
 
 
-def bar_days(market: Market, ts: pl.Series) -> set[date]:
-    return set(ts.dt.convert_time_zone(market.zone.key).dt.date().unique().to_list())
-
-
 @dataclass(frozen=True)
 class Coverage:
     expected_days: int
     missing_days: list[date]
     expected_bars: int
-    bars: int
+    bars: int  # bars that count against `expected_bars` (see `coverage`)
 
     @property
-    def ratio(self) -> float:
-        return self.bars / self.expected_bars if self.expected_bars else 1.0
+    def ratio(self) -> float | None:
+        """Share of the expected bars present, never above 1; None when none were due."""
+        return self.bars / self.expected_bars if self.expected_bars else None
 
 
 def coverage(
@@ -47,10 +44,26 @@ def coverage(
     ts: pl.Series,
     now: datetime | None = None,
 ) -> Coverage:
-    """How many of the expected days and bars of [first, last] the stored bars cover."""
-    today = (now or datetime.now(UTC)).astimezone(UTC).date()
+    """How many of the expected bars of [first, last] are there.
+
+    Daily: one bar per finished session (stocks) or day (crypto). Minute: one bar per minute
+    of regular trading hours (09:30-16:00 New York, shorter on half days; all day for
+    crypto); extended-hours minutes are sparse on the provider and expected of no one. Only
+    finished days count and a bar counts once, so the figure never passes 1.
+    """
+    today = (now or datetime.now(UTC)).astimezone(market.zone).date()
     days = expected_days(market, first, last, today)
-    present = bar_days(market, ts)
+    bar_days = ts.dt.convert_time_zone(market.zone.key).dt.date()
+    present = set(bar_days.unique().to_list())
     missing = [d for d in days if d not in present]
-    per_day = 1 if timeframe is Timeframe.DAILY else market.minutes_per_day
-    return Coverage(len(days), missing, len(days) * per_day, ts.len())
+    if timeframe is Timeframe.DAILY:
+        bars = int(bar_days.is_in(days).sum())
+        return Coverage(len(days), missing, len(days), min(bars, len(days)))
+    hours = trading_hours(market, days[0], days[-1]) if days else []
+    opens = pl.Series([o for _, o, _ in hours], dtype=pl.Datetime("us", "UTC"))
+    closes = pl.Series([c for _, _, c in hours], dtype=pl.Datetime("us", "UTC"))
+    expected = int(sum((close - opened).total_seconds() // 60 for _, opened, close in hours))
+    minutes = ts.cast(pl.Datetime("us", "UTC")).dt.truncate("1m").unique()
+    session = opens.search_sorted(minutes, side="right").cast(pl.Int64) - 1
+    inside = (session >= 0) & (minutes < closes.gather(session.clip(lower_bound=0)))
+    return Coverage(len(days), missing, expected, int(inside.sum()) if len(hours) else 0)

@@ -1,26 +1,33 @@
 """Validation of bars with Pandera's polars API: hard rules reject a bar, soft rules flag it.
 
 Validation is lazy: every failure of every row is collected in one pass, so a rejected bar
-carries all of its reasons, not just the first.
+carries all of its reasons, not just the first. Values the client could not decode (a
+boolean price, an integer beyond int64) arrive as `defects` and reject their bar too.
+
+Soft rules compare a bar with bars of the same part of the day: a minute at the open with
+earlier opens, not with the quiet minutes before it, because real volume is U-shaped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pandera.polars as pa
 import polars as pl
 from pandera.errors import SchemaErrors
 
-from marketdata_pipeline.domain import BAR_SCHEMA
+from marketdata_pipeline.domain import BAR_SCHEMA, Market, Timeframe, Window
 
 PRICES = ("open", "high", "low", "close")
 VWAP_TOLERANCE = 0.001  # relative: Polygon rounds vwap to 4 decimals, prices can be sub-cent
-RECENT_BARS = 30  # soft rules compare a bar with the symbol's previous 30 bars
+RECENT_BARS = 30  # price jumps: a close against the symbol's previous 30 bars
 PRICE_JUMP_FACTOR = 1.5  # close above 1.5x the recent high, or below the recent low / 1.5
-VOLUME_SPIKE_FACTOR = 50.0  # volume above 50x the recent median
+VOLUME_SPIKE_FACTOR = 50.0  # volume above 50x the median of the same part of the day
+SLOT_MINUTES = 30  # minute bars are compared within half-hours of the market's day
+SLOT_BARS = 60  # the median of the previous 60 bars of a slot (two days of a busy half-hour)
+SLOT_MIN_BARS = 10  # fewer earlier bars in the slot: no spike judgement
 
 _ROW = "_row"
 
@@ -53,8 +60,11 @@ def _price_column() -> pa.Column:
     )
 
 
-def hard_schema(window_start: datetime, window_end: datetime) -> pa.DataFrameSchema:
-    """Rules whose failure rejects a bar. The window is [window_start, window_end)."""
+def hard_schema(
+    window_start: datetime, window_end: datetime, fetched_at: datetime
+) -> pa.DataFrameSchema:
+    """Rules whose failure rejects a bar. The window is [window_start, window_end); no bar
+    may start after `fetched_at`, when the provider answered."""
     vwap_low = _price("low") * (1 - VWAP_TOLERANCE)
     vwap_high = _price("high") * (1 + VWAP_TOLERANCE)
     return pa.DataFrameSchema(
@@ -68,7 +78,11 @@ def hard_schema(window_start: datetime, window_end: datetime) -> pa.DataFrameSch
                         f"outside the window [{window_start:%Y-%m-%d %H:%M}Z, "
                         f"{window_end:%Y-%m-%d %H:%M}Z)",
                         lambda ts: (ts >= window_start) & (ts < window_end),
-                    )
+                    ),
+                    _column_check(
+                        f"starts after the fetch ({fetched_at:%Y-%m-%d %H:%M:%S}Z)",
+                        lambda ts: ts <= fetched_at,
+                    ),
                 ],
             ),
             **{price: _price_column() for price in PRICES},
@@ -110,7 +124,7 @@ SOFT_SCHEMA = pa.DataFrameSchema(
             ),
         ),
         _frame_check(
-            "volume spike far above the recent median",
+            "volume spike far above the median of its part of the day",
             pl.col("volume") <= pl.col("_recent_volume") * VOLUME_SPIKE_FACTOR,
         ),
     ],
@@ -125,26 +139,65 @@ class Validation:
     flagged: pl.DataFrame  # ts + flags: list[str], rows of `valid` that a soft rule flagged
 
     @property
-    def rate(self) -> float:
-        """Share of received bars that passed; 1.0 when none were received."""
-        total = self.valid.height + self.rejected.height
-        return self.valid.height / total if total else 1.0
+    def received(self) -> int:
+        return self.valid.height + self.rejected.height
+
+    @property
+    def rate(self) -> float | None:
+        """Share of received bars that passed; None when none were received."""
+        return self.valid.height / self.received if self.received else None
 
 
-def validate(frame: pl.DataFrame, window_start: datetime, window_end: datetime) -> Validation:
+def validate(
+    frame: pl.DataFrame,
+    window: Window,
+    market: Market,
+    fetched_at: datetime | None = None,
+) -> Validation:
     """Split a window's raw bars into valid rows and rejected rows with every reason."""
+    fetched_at = fetched_at or datetime.now(UTC)
+    defects = frame["defects"] if "defects" in frame.columns else None
     numbered = frame.select(BAR_SCHEMA.names()).with_row_index(_ROW)
-    reasons = _failures(hard_schema(window_start, window_end), numbered)
+    reasons = _failures(hard_schema(window.start, window.end, fetched_at), numbered)
+    if defects is not None:
+        reasons = _with_defects(reasons, defects)
     rejected = numbered.join(reasons, on=_ROW, how="inner").sort(_ROW).drop(_ROW)
     valid = numbered.join(reasons, on=_ROW, how="anti").drop(_ROW).sort("ts")
-    return Validation(valid, rejected, _flags(valid))
+    return Validation(valid, rejected, _flags(valid, market, window.timeframe))
 
 
-def _flags(valid: pl.DataFrame) -> pl.DataFrame:
+def _with_defects(reasons: pl.DataFrame, defects: pl.Series) -> pl.DataFrame:
+    """Add each row's decoding defects to its reasons; a value that could not be decoded is
+    named by its defect, not again as null."""
+    found = defects.to_frame("reason").with_row_index(_ROW).explode("reason").drop_nulls("reason")
+    undecoded = found.select(_ROW, pl.col("reason").str.extract(r"^(\w+) ").alias("column"))
+    schema_reasons = reasons.explode("reasons").rename({"reasons": "reason"})
+    schema_reasons = schema_reasons.join(
+        undecoded.with_columns(pl.format("{} is null or NaN", "column").alias("reason")),
+        on=[_ROW, "reason"],
+        how="anti",
+    )
+    return (
+        pl.concat([found, schema_reasons], how="diagonal")
+        .group_by(_ROW)
+        .agg(pl.col("reason").unique().sort().alias("reasons"))
+        .with_columns(pl.col(_ROW).cast(pl.UInt32))
+    )
+
+
+def _flags(valid: pl.DataFrame, market: Market, timeframe: Timeframe) -> pl.DataFrame:
+    if timeframe is Timeframe.MINUTE:
+        local = pl.col("ts").dt.convert_time_zone(market.zone.key)
+        slot = (local.dt.hour().cast(pl.Int32) * 60 + local.dt.minute()) // SLOT_MINUTES
+    else:
+        slot = pl.lit(0)
     context = valid.with_row_index(_ROW).with_columns(
         _recent_low=pl.col("low").shift(1).rolling_min(RECENT_BARS, min_samples=1),
         _recent_high=pl.col("high").shift(1).rolling_max(RECENT_BARS, min_samples=1),
-        _recent_volume=pl.col("volume").shift(1).rolling_median(RECENT_BARS, min_samples=5),
+        _recent_volume=pl.col("volume")
+        .shift(1)
+        .rolling_median(SLOT_BARS, min_samples=SLOT_MIN_BARS)
+        .over(slot),
     )
     flags = _failures(SOFT_SCHEMA, context).rename({"reasons": "flags"})
     return context.select(_ROW, "ts").join(flags, on=_ROW, how="inner").drop(_ROW).sort("ts")

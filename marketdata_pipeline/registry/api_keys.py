@@ -15,6 +15,9 @@ from marketdata_pipeline.errors import ConfigError, NotFound
 KEY_PREFIX = "mdw_"
 # 32 random bytes, URL-safe base64 without padding: 43 characters.
 _RAW_KEY = re.compile(r"^mdw_[A-Za-z0-9_-]{43}$")
+# api_keys.id is a bigint: a larger id cannot exist, and PostgreSQL refuses it as a parameter
+# (NumericValueOutOfRange) instead of finding no row.
+MAX_KEY_ID = 2**63 - 1
 
 
 def hash_key(raw_key: str) -> str:
@@ -70,7 +73,13 @@ def find_by_name(conn: psycopg.Connection, name: str) -> ApiKey | None:
     return ApiKey(*row) if row else None
 
 
+def _check_id(key_id: int) -> None:
+    if not 1 <= key_id <= MAX_KEY_ID:
+        raise NotFound(f"no API key with id {key_id}")
+
+
 def get(conn: psycopg.Connection, key_id: int) -> ApiKey:
+    _check_id(key_id)
     row = conn.execute(f"{_SELECT} WHERE id = %s", (key_id,)).fetchone()
     if row is None:
         raise NotFound(f"no API key with id {key_id}")
@@ -84,6 +93,7 @@ def list_keys(conn: psycopg.Connection, *, include_revoked: bool = True) -> list
 
 
 def _set_active(conn: psycopg.Connection, key_id: int, active: bool) -> ApiKey:
+    _check_id(key_id)
     row = conn.execute(
         "UPDATE api_keys SET active = %s WHERE id = %s " + _RETURNING,
         (active, key_id),
@@ -103,6 +113,7 @@ def restore(conn: psycopg.Connection, key_id: int) -> ApiKey:
 
 def delete(conn: psycopg.Connection, key_id: int) -> None:
     """Delete a key for good; its audit rows stay, detached from it."""
+    _check_id(key_id)
     if not conn.execute("DELETE FROM api_keys WHERE id = %s", (key_id,)).rowcount:
         raise NotFound(f"no API key with id {key_id}")
 
@@ -162,6 +173,8 @@ def audit(
     """The audit log, newest first."""
     if limit < 1 or offset < 0:
         raise ConfigError("limit must be positive and offset not negative")
+    if key_id is not None and not 1 <= key_id <= MAX_KEY_ID:
+        raise ConfigError(f"key id must be from 1 to {MAX_KEY_ID}, got {key_id}")
     rows = conn.execute(
         'SELECT id, key_id, endpoint, method, status_code, "timestamp" FROM api_key_audit '
         "WHERE %s::bigint IS NULL OR key_id = %s ORDER BY id DESC LIMIT %s OFFSET %s",

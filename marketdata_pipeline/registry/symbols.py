@@ -30,22 +30,26 @@ def add(conn: psycopg.Connection, symbol: str, asset_class: AssetClass) -> Track
     """Register a symbol; a removed one is reactivated. A symbol is unique across classes."""
     symbol = normalize_symbol(symbol)
     with conn.transaction():
-        existing = conn.execute(
-            "SELECT active, asset_class FROM tracked_symbols WHERE symbol = %s FOR UPDATE",
-            (symbol,),
+        # Insert first: SELECT ... FOR UPDATE locks no row when there is none, so two
+        # concurrent adds of a new symbol would both insert and one would hit the unique key.
+        # ON CONFLICT makes the second wait for the first and then find its row below.
+        inserted = conn.execute(
+            "INSERT INTO tracked_symbols (symbol, asset_class) VALUES (%s, %s) "
+            "ON CONFLICT (symbol) DO NOTHING RETURNING symbol",
+            (symbol, asset_class),
         ).fetchone()
-        if existing and existing[0]:
-            raise AlreadyExists(f"symbol {symbol} is already registered (as {existing[1]})")
-        if existing:
+        if inserted is None:
+            existing = conn.execute(
+                "SELECT active, asset_class FROM tracked_symbols WHERE symbol = %s FOR UPDATE",
+                (symbol,),
+            ).fetchone()
+            assert existing is not None, "rows of tracked_symbols are never deleted"
+            if existing[0]:
+                raise AlreadyExists(f"symbol {symbol} is already registered (as {existing[1]})")
             conn.execute(
                 "UPDATE tracked_symbols SET active = true, asset_class = %s, "
                 "backfill_status = 'pending', backfill_error = NULL WHERE symbol = %s",
                 (asset_class, symbol),
-            )
-        else:
-            conn.execute(
-                "INSERT INTO tracked_symbols (symbol, asset_class) VALUES (%s, %s)",
-                (symbol, asset_class),
             )
     return get(conn, symbol)
 

@@ -21,6 +21,7 @@ TABLES = (
     "bars_minute",
     "bars_rejected",
     "backfill_state",
+    "polygon_requests",
 )
 VIEWS = ("bars_hourly", "bars_weekly")
 

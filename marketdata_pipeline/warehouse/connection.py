@@ -30,8 +30,34 @@ def psycopg2_url(url: str) -> str:
     return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") else url
 
 
+def check_unambiguous(url: str) -> None:
+    """Refuse a URL whose password holds an unencoded '@' or '/'.
+
+    libpq ends the credentials at the first '@' and the host at the first '/', so in
+    `postgresql://user:p@ss/w0rd@host/db` it connects to host "ss" and database
+    "w0rd@host/db", and with `user:se/cret@host` to host "user", port "se": every message
+    would then show part of the password. After the scheme a well-formed URL has at most one
+    '@', before any '/'. The message echoes no part of the URL.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme not in ("postgresql", "postgres"):
+        return  # a key=value conninfo string: libpq parses it without this ambiguity
+    at = rest.find("@")
+    slash = rest.find("/")
+    if rest.count("@") > 1 or (at >= 0 and 0 <= slash < at):
+        raise ConfigError(
+            "DATABASE_URL is ambiguous (not shown): percent-encode '@', '/' and ':' in its "
+            "user name and password, as %40, %2F and %3A"
+        )
+
+
 def describe(url: str) -> str:
-    """Host and port of a URL, for messages: never the user's password."""
+    """Host and port of a URL, for messages: never the user's password.
+
+    An ambiguous URL is refused first, so the host and port shown are the ones the user
+    wrote, not fragments of a password.
+    """
+    check_unambiguous(url)
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError:

