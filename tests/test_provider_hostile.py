@@ -25,6 +25,7 @@ from marketdata_pipeline.polygon.client import (
     RetryPolicy,
 )
 from marketdata_pipeline.polygon.simulator import Faults, Simulator
+from marketdata_pipeline.quality.coverage import coverage
 from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse import migrations
 from tests.conftest import read_bars
@@ -67,6 +68,11 @@ def run(
 def expected_count(sim: Simulator, month: date) -> int:
     window = Window.of_month(Market.CRYPTO, Timeframe.MINUTE, "BTC", month)
     return len(sim.expected_bars("X:BTCUSD", "minute", month, window.last_day)["t"])
+
+
+def latest_ts(conn: psycopg.Connection) -> pl.Series:
+    rows = conn.execute("SELECT ts FROM bars_minute ORDER BY ts").fetchall()
+    return pl.Series("ts", [ts for (ts,) in rows], dtype=pl.Datetime("us", "UTC"))
 
 
 def stored_counts(conn: psycopg.Connection, month: date) -> tuple[int, int]:
@@ -195,6 +201,10 @@ def test_bars_that_start_after_the_fetch_are_rejected_with_their_reason(conn) ->
     assert isinstance(latest_valid, datetime) and latest_valid <= datetime.now(UTC)
     [(latest,)] = conn.execute("SELECT max(ts) FROM bars_minute").fetchall()
     assert latest <= datetime.now(UTC)
+    window = outcome.window
+    measured = coverage(Market.CRYPTO, Timeframe.MINUTE, month, window.last_day, latest_ts(conn))
+    # Only finished days are expected (none on the 1st of a month): never above 1.
+    assert measured.ratio is None or 0.9 < measured.ratio <= 1.0
 
 
 def test_a_key_echoed_by_a_gateway_never_reaches_the_error(conn, caplog) -> None:

@@ -90,8 +90,9 @@ class BarsAsset:
 
     def check_specs(self) -> list[dg.AssetCheckSpec]:
         days_description = (
-            "Share of expected minutes present (missing minutes are normal on Polygon: "
-            "reported, never failed); days without any bar are listed."
+            "Share of the minutes of regular trading hours that have a bar (minutes without "
+            "trades have none on Polygon: reported, never failed); days without any bar are "
+            "listed."
             if self.timeframe is Timeframe.MINUTE
             else "Warns when a finished session (NYSE calendar) or day (crypto) has no bar."
         )

@@ -593,6 +593,7 @@ class Simulator:
         cache_pages: int = 0,
         now: datetime | None = None,
         plan: str | None = None,
+        plan_window_seconds: float = 60.0,
     ) -> None:
         self.api_key = api_key
         self.base_url = base_url.rstrip("/")
@@ -604,7 +605,8 @@ class Simulator:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_pages = cache_pages
         self._held: OrderedDict[str, list[dict[str, object]]] = OrderedDict()
-        self._window = _RequestWindow(FREE_REQUESTS_PER_MINUTE)
+        # The free plan's requests per minute; tests shrink the minute to keep runs short.
+        self._window = _RequestWindow(FREE_REQUESTS_PER_MINUTE, plan_window_seconds)
         self.requests: list[str] = []  # the latest paths with query, in arrival order
 
     # -- configuration -------------------------------------------------------------------

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 # First key of the advisory lock on a key's request log; the second is a hash of the key id.
 REQUEST_LOCK_CLASS = 0x7271  # "rq"
+# A request is logged when it is granted but counted by the provider when it arrives; one
+# that travels faster than an earlier one could bring a sixth into the provider's minute.
+# Keeping each request in the log a second longer leaves room for that.
+MARGIN_SECONDS = 1.0
 
 
 def key_id(api_key: str | None) -> str:
@@ -30,7 +34,8 @@ def key_id(api_key: str | None) -> str:
 
 
 class SharedRequestLimit:
-    """At most `per_window` requests of one key in any `window_seconds`, across processes."""
+    """At most `per_window` requests of one key in any `window_seconds` (the provider's
+    window; requests are kept MARGIN_SECONDS longer), across processes."""
 
     def __init__(
         self,
@@ -45,6 +50,7 @@ class SharedRequestLimit:
         self.key_id = key_id(api_key)
         self.per_window = per_window
         self.window_seconds = window_seconds
+        self._kept_seconds = window_seconds + MARGIN_SECONDS
         self._sleep = sleep
 
     def __repr__(self) -> str:
@@ -71,13 +77,13 @@ class SharedRequestLimit:
             conn.execute(
                 "DELETE FROM polygon_requests WHERE key_id = %s "
                 "AND sent_at <= clock_timestamp() - make_interval(secs => %s)",
-                (self.key_id, self.window_seconds),
+                (self.key_id, self._kept_seconds),
             )
             [(count, oldest_leaves_in)] = conn.execute(
                 "SELECT count(*), extract(epoch FROM min(sent_at) "
                 "+ make_interval(secs => %s) - clock_timestamp()) "
                 "FROM polygon_requests WHERE key_id = %s",
-                (self.window_seconds, self.key_id),
+                (self._kept_seconds, self.key_id),
             ).fetchall()
             if count < self.per_window:
                 conn.execute(
