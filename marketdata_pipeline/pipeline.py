@@ -76,9 +76,7 @@ def ingest(
     )
     with read_ahead(fetched, depth=READ_AHEAD_WINDOWS) as windows:
         for part in windows:
-            outcome = WindowOutcome(
-                part.window, part.validation, part.request_ids, part.pages, part.unavailable
-            )
+            outcome = WindowOutcome(**vars(part))
             if part.validation is not None:
                 outcome.load, outcome.refused = _load(conn, part, run_id, accept_shrink)
             yield outcome
@@ -94,8 +92,9 @@ def _load(
             conn, window, validation.valid, validation.rejected, run_id, accept_shrink=accept_shrink
         )
     except ShrinkRefused as refusal:
-        log.warning("%s", refusal)
-        return None, str(refusal)
+        reason = f"{refusal} (request ids {', '.join(part.request_ids) or '?'})"
+        log.warning("%s", reason)
+        return None, reason
     log.info(
         "%s %s %s: loaded %d bars, rejected %d, flagged %d (replaced %d)",
         window.symbol,
@@ -136,24 +135,24 @@ def _within_plan(
 ) -> Iterator[FetchedWindow]:
     """The months the plan covers, fetched; the older ones, which it does not, unavailable.
 
-    A plan's history reaches back a fixed time, so the covered months are the newest ones:
-    a binary search with one-month probes finds the first, then they load as one stream.
+    A plan's history reaches back a fixed time, so the covered months are the newest ones: a
+    binary search with one-day probes (a month's first day) finds the first, then they load as
+    one stream. A month the plan covers only in part is unavailable whole: its first day is.
     """
-    first_covered, newest = 0, len(windows)
-    low, high = 0, newest
+    timespan = windows[0].timeframe.timespan
+    low, high = 0, len(windows)
     while low < high:
         probe = (low + high) // 2
+        day = windows[probe].month
         try:
-            for _ in _stream(client, ticker, market, windows[probe : probe + 1]):
-                pass
+            next(client.aggregate_pages(ticker, 1, timespan, day, day), None)
             high = probe
         except PolygonPlanLimit:
             low = probe + 1
-    first_covered = low
-    for window in windows[:first_covered]:
+    for window in windows[:low]:
         yield FetchedWindow(window, None, unavailable=refusal)
-    if first_covered < newest:
-        yield from _stream(client, ticker, market, windows[first_covered:])
+    if low < len(windows):
+        yield from _stream(client, ticker, market, windows[low:])
 
 
 def _stream(
@@ -165,8 +164,9 @@ def _stream(
     parts = [_Gathered() for _ in windows]
     ends = pl.Series([w.end for w in windows[:-1]], dtype=pl.Datetime("ms", "UTC"))
     done, late, fetched_at = 0, set(), datetime.now(UTC)
+    last_request_id: str | None = None
     for page in pages:
-        fetched_at = page.received_at or datetime.now(UTC)
+        fetched_at, last_request_id = page.received_at or datetime.now(UTC), page.request_id
         frame = page.frame
         if frame.height:
             # Bars before the first month go to it, after the last to the last (validation
@@ -183,10 +183,10 @@ def _stream(
             # bar; a bar of such a month that still comes later is late (see below).
             latest = frame["ts"].max()
             while done < len(windows) - 1 and latest is not None and latest >= ends[done]:
-                yield parts[done].validated(windows[done], market, fetched_at)
+                yield parts[done].validated(windows[done], market, fetched_at, page.request_id)
                 done += 1
     for index in range(done, len(windows)):
-        yield parts[index].validated(windows[index], market, fetched_at)
+        yield parts[index].validated(windows[index], market, fetched_at, last_request_id)
     for index in sorted(late):
         log.warning(
             "%s %s: bars arrived after the month was loaded; fetching it again",
@@ -208,10 +208,15 @@ class _Gathered:
         if request_id not in self.request_ids:
             self.request_ids.append(request_id)
 
-    def validated(self, window: Window, market: Market, fetched_at: datetime) -> FetchedWindow:
+    def validated(
+        self, window: Window, market: Market, fetched_at: datetime, last_request_id: str | None
+    ) -> FetchedWindow:
+        """The window validated; a window no page held a bar of names the stream's latest
+        page, the answer to quote to the provider."""
         raw = pl.concat(self.frames, how="diagonal") if self.frames else empty_bars()
         validation = validate(raw, window, market, fetched_at)
-        return FetchedWindow(window, validation, self.request_ids, len(self.request_ids))
+        request_ids = self.request_ids or ([last_request_id] if last_request_id else [])
+        return FetchedWindow(window, validation, request_ids, len(self.request_ids))
 
 
 T = TypeVar("T")

@@ -20,8 +20,8 @@ from psycopg import sql
 
 from marketdata_pipeline.domain import BAR_SCHEMA, Timeframe
 from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer, serve
-from marketdata_pipeline.warehouse import embedded
-from marketdata_pipeline.warehouse.connection import with_database
+from marketdata_pipeline.warehouse import embedded, migrations
+from marketdata_pipeline.warehouse.connection import connection, with_database
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PGLITE_DIR = Path(__file__).resolve().parent / "pglite"
@@ -45,6 +45,21 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
     yield with_database(pg_admin_url, name)
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    """A new database with every migration applied."""
+    with connection(database_url) as conn:
+        migrations.migrate(conn)
+    return database_url
+
+
+@pytest.fixture
+def migrated_conn(migrated_url: str) -> Iterator[psycopg.Connection]:
+    """A session on a new database with every migration applied."""
+    with connection(migrated_url) as conn:
+        yield conn
 
 
 def free_port() -> int:

@@ -5,23 +5,20 @@ from __future__ import annotations
 import threading
 from datetime import date
 
+import psycopg
 import pytest
 
 from marketdata_pipeline.domain import Market, Timeframe, Window
 from marketdata_pipeline.pipeline import ingest
 from marketdata_pipeline.polygon.client import PolygonClient, PolygonUnavailable, RetryPolicy
 from marketdata_pipeline.polygon.simulator import Faults, Simulator
-from marketdata_pipeline.warehouse import connection as db
-from marketdata_pipeline.warehouse import migrations
 
 MONTHS = [date(2024, 1, 1), date(2024, 2, 1), date(2024, 3, 1)]
 
 
 @pytest.fixture
-def conn(database_url: str):
-    with db.connection(database_url) as connection:
-        migrations.migrate(connection)
-        yield connection
+def conn(migrated_conn: psycopg.Connection) -> psycopg.Connection:
+    return migrated_conn
 
 
 def btc_minutes(sim: Simulator) -> PolygonClient:

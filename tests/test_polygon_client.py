@@ -117,22 +117,27 @@ def test_values_of_the_wrong_type_are_never_coerced_but_named() -> None:
         good | {"o": True},
         good | {"n": 100000000000000000000},
         good | {"c": "one"},
+        good | {"v": "12.5"},
+        good | {"vw": float("inf")},
         {k: v for k, v in good.items() if k != "t"},
         good,
     ]
     page = decode_page(json.dumps(body).encode(), ticker="AAPL", adjusted=True)
     frame = page.frame
-    assert frame.height == 5, "every bar is kept, to be quarantined with its reason"
+    assert frame.height == 7, "every bar is kept, to be quarantined with its reason"
     assert frame["open"][0] is None and frame["trades"][1] is None and frame["close"][2] is None
     assert frame["defects"].to_list() == [
         ["open is a boolean (true), not a number"],
         ["trades is not an integer in range (100000000000000000000)"],
-        ["close is not a number in range (one)"],
+        ['close is a string ("one"), not a number'],
+        ['volume is a string ("12.5"), not a number'],
+        ["vwap is not finite (Infinity)"],
         [],
         [],
     ]
-    assert frame["ts"][3] is None
-    assert frame.row(4)[:8] == decode_page(
+    assert frame["volume"][3] is None and frame["vwap"][4] is None
+    assert frame["ts"][5] is None
+    assert frame.row(6)[:8] == decode_page(
         json.dumps(body | {"results": [good]}).encode(), ticker="AAPL", adjusted=True
     ).frame.row(0)
 

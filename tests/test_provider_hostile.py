@@ -9,13 +9,17 @@ an answer that would empty or halve a loaded month is refused.
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, date, datetime, timedelta
 
+import dagster as dg
 import httpx
 import polars as pl
 import psycopg
 import pytest
 
+from marketdata_pipeline.defs.assets import bars_assets
+from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.domain import Market, Timeframe, Window
 from marketdata_pipeline.pipeline import WindowOutcome, ingest
 from marketdata_pipeline.polygon.client import (
@@ -24,10 +28,9 @@ from marketdata_pipeline.polygon.client import (
     PolygonUnavailable,
     RetryPolicy,
 )
-from marketdata_pipeline.polygon.simulator import Faults, Simulator
+from marketdata_pipeline.polygon.simulator import Faults, Simulator, serve
 from marketdata_pipeline.quality.coverage import coverage
-from marketdata_pipeline.warehouse import connection as db
-from marketdata_pipeline.warehouse import migrations
+from marketdata_pipeline.warehouse.connection import connection
 from tests.conftest import read_bars
 
 MONTHS = [date(2024, 1, 1), date(2024, 2, 1), date(2024, 3, 1)]
@@ -36,10 +39,8 @@ KEY = "pk_test_SECRET_KEY_42"
 
 
 @pytest.fixture
-def conn(database_url: str):
-    with db.connection(database_url) as connection:
-        migrations.migrate(connection)
-        yield connection
+def conn(migrated_conn: psycopg.Connection) -> psycopg.Connection:
+    return migrated_conn
 
 
 def client_for(sim: Simulator, transport: httpx.BaseTransport | None = None) -> PolygonClient:
@@ -112,6 +113,7 @@ def test_every_bar_sent_is_loaded_or_quarantined_exactly_once(conn, faults: Faul
         assert outcome.load is not None and outcome.validation is not None
         assert (outcome.load.rows_loaded, outcome.load.rows_rejected) == (loaded, rejected)
         assert loaded + rejected == sent == outcome.validation.received, month
+        print(f"{faults}: {month:%Y-%m} sent {sent}, loaded {loaded}, quarantined {rejected}")
     if faults.order != "asc" or faults.late_every:  # reordering loses and alters nothing
         for month in MONTHS:
             assert stored_counts(conn, month) == (expected_count(sim, month), 0)
@@ -253,3 +255,67 @@ def test_values_of_the_wrong_type_are_quarantined_with_their_reason(conn) -> Non
     assert reasons.str.contains("is a boolean").any()
     assert reasons.str.contains("not an integer in range").any()
     assert not reasons.str.starts_with("open is null").any(), "named by the defect, not as null"
+
+
+def test_a_wait_longer_than_the_retry_budget_fails_at_once(conn) -> None:
+    sim = Simulator()
+    sim.inject(Faults(rate_limited=-1, retry_after=3600))
+    started = time.monotonic()
+    with pytest.raises(PolygonUnavailable, match=r"asked to wait 3600 s .* retry budget"):
+        run(client_for(sim), conn, [MONTHS[0]])
+    assert time.monotonic() - started < 5
+    assert len(sim.requests) == 1
+
+
+def test_a_key_echoed_in_a_successful_body_is_redacted_everywhere(conn) -> None:
+    sim = Simulator()
+    inner = sim.transport()
+
+    def echoing(request: httpx.Request) -> httpx.Response:
+        body = json.loads(inner.handle_request(request).read())
+        body["request_id"] = f"req-{KEY}"
+        body["results"][0]["o"] = f"Bearer {KEY}"  # a gateway's debug text in a price
+        return httpx.Response(200, json=body)
+
+    [outcome] = run(client_for(sim, httpx.MockTransport(echoing)), conn, [MONTHS[0]])
+    assert outcome.load is not None and outcome.load.rows_rejected == 1
+    stored = conn.execute("SELECT reasons::text, run_id FROM bars_rejected").fetchall()
+    seen = f"{outcome.request_ids} {outcome.validation.rejected if outcome.validation else ''}"
+    seen += str(stored)
+    assert "[redacted]" in seen
+    assert KEY not in seen
+
+
+def test_a_run_with_late_bars_ends_green_with_every_month_whole(
+    migrated_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", migrated_url)
+    sim = Simulator()
+    server = serve(sim)
+    asset = next(a for a in bars_assets if a.key.path[-1] == "crypto_minute_bars")
+    try:
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("crypto_symbols", ["BTC"])
+            for faults in (Faults(), Faults(late_every=997)):  # loaded, then re-run hostile
+                sim.inject(faults)
+                result = dg.materialize(
+                    [asset],
+                    instance=instance,
+                    tags={
+                        "dagster/asset_partition_range_start": "2024-01-01|BTC",
+                        "dagster/asset_partition_range_end": "2024-03-01|BTC",
+                    },
+                    resources={
+                        "warehouse": WarehouseResource(),
+                        "polygon": PolygonResource(base_url=server.url, simulated=True),
+                    },
+                )
+                assert result.success
+                checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+                assert checks["rejection_rate"].passed
+                assert checks["rejection_rate"].metadata["partitions"].value == 3
+    finally:
+        server.shutdown()
+    with connection(migrated_url) as check:
+        for month in MONTHS:
+            assert stored_counts(check, month) == (expected_count(sim, month), 0)

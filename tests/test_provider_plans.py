@@ -19,7 +19,6 @@ from marketdata_pipeline.polygon.client import PolygonClient, RetryPolicy
 from marketdata_pipeline.polygon.simulator import Simulator, serve
 from marketdata_pipeline.registry import backfill_state
 from marketdata_pipeline.warehouse import connection as db
-from marketdata_pipeline.warehouse import migrations
 from marketdata_pipeline.warehouse.request_limit import MARGIN_SECONDS, SharedRequestLimit
 
 KEY = "pk_free_plan_key"
@@ -27,14 +26,7 @@ NOW = datetime(2024, 6, 15, 12, tzinfo=UTC)
 WINDOW = 3.0  # the plan's "minute", shortened for the test
 
 
-@pytest.fixture
-def url(database_url: str) -> str:
-    with db.connection(database_url) as conn:
-        migrations.migrate(conn)
-    return database_url
-
-
-def test_four_concurrent_runs_share_the_free_plan_and_none_is_refused(url: str) -> None:
+def test_four_concurrent_runs_share_the_free_plan_and_none_is_refused(migrated_url: str) -> None:
     sim = Simulator(api_key=KEY, plan="free", now=NOW, plan_window_seconds=WINDOW)
     server = serve(sim)
     symbols = ["AAPL", "MSFT", "NVDA", "AMD"]
@@ -44,11 +36,11 @@ def test_four_concurrent_runs_share_the_free_plan_and_none_is_refused(url: str) 
     no_retry = RetryPolicy(max_attempts=1)
 
     def backfill(symbol: str) -> None:
-        limit = SharedRequestLimit(url, KEY, 5, window_seconds=WINDOW)
+        limit = SharedRequestLimit(migrated_url, KEY, 5, window_seconds=WINDOW)
         try:
             with (
                 PolygonClient(KEY, server.url, rate_limiter=limit, retry=no_retry) as client,
-                db.connection(url) as conn,
+                db.connection(migrated_url) as conn,
             ):
                 for _ in ingest(
                     client,
@@ -79,7 +71,7 @@ def test_four_concurrent_runs_share_the_free_plan_and_none_is_refused(url: str) 
     assert 2 * window - 0.5 < took < 3 * window + 5
 
 
-def materialize_history(url: str, sim: Simulator, first: str, last: str):
+def materialize_history(sim: Simulator, first: str, last: str):
     server = serve(sim)
     asset = next(a for a in bars_assets if a.key.path[-1] == "stock_daily_bars")
     try:
@@ -108,11 +100,11 @@ def materialize_history(url: str, sim: Simulator, first: str, last: str):
 
 
 def test_months_the_plan_does_not_cover_are_unavailable_and_the_rest_load(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    migrated_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("DATABASE_URL", migrated_url)
     sim = Simulator(api_key=KEY, plan="free", now=NOW)  # history back to 2022-06-15
-    result, states = materialize_history(url, sim, "2022-01-01", "2022-12-01")
+    result, states = materialize_history(sim, "2022-01-01", "2022-12-01")
     assert result.success
     loaded = sorted(str(e.partition) for e in result.get_asset_materialization_events())
     # 2022-06 starts before the plan's reach, so it is refused whole; 2022-07.. load.
@@ -122,7 +114,7 @@ def test_months_the_plan_does_not_cover_are_unavailable_and_the_rest_load(
         "completed"
     ] * 6
     assert "doesn't include this data timeframe" in (by_month[date(2022, 1, 1)].error or "")
-    with db.connection(url) as conn:
+    with db.connection(migrated_url) as conn:
         backfill_state.record(conn, states)
         rows = dict(conn.execute("SELECT status, count(*) FROM backfill_state GROUP BY 1"))
     assert rows == {"unavailable": 6, "completed": 6}

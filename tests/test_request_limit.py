@@ -6,10 +6,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from marketdata_pipeline.warehouse import connection as db
-from marketdata_pipeline.warehouse import migrations
 from marketdata_pipeline.warehouse.request_limit import MARGIN_SECONDS, SharedRequestLimit, key_id
 from tests.conftest import PROJECT_DIR
 
@@ -27,17 +24,10 @@ for _ in range(int(sys.argv[4])):
 """
 
 
-@pytest.fixture
-def url(database_url: str) -> str:
-    with db.connection(database_url) as conn:
-        migrations.migrate(conn)
-    return database_url
-
-
-def test_processes_sharing_a_key_never_exceed_its_limit(url: str) -> None:
+def test_processes_sharing_a_key_never_exceed_its_limit(migrated_url: str) -> None:
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, url, str(PER_WINDOW), str(WINDOW), "4"],
+            [sys.executable, "-c", CHILD, migrated_url, str(PER_WINDOW), str(WINDOW), "4"],
             cwd=PROJECT_DIR,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -60,14 +50,14 @@ def test_processes_sharing_a_key_never_exceed_its_limit(url: str) -> None:
     assert stamps[-1] - stamps[0] < 3 * (WINDOW + MARGIN_SECONDS) + 1.0
 
 
-def test_keys_have_their_own_limits_and_are_never_stored(url: str) -> None:
-    first = SharedRequestLimit(url, "pk_first", 2, window_seconds=30)
-    second = SharedRequestLimit(url, "pk_second", 2, window_seconds=30)
+def test_keys_have_their_own_limits_and_are_never_stored(migrated_url: str) -> None:
+    first = SharedRequestLimit(migrated_url, "pk_first", 2, window_seconds=30)
+    second = SharedRequestLimit(migrated_url, "pk_second", 2, window_seconds=30)
     started = time.monotonic()
     for limit in (first, first, second, second):
         limit.acquire()
     assert time.monotonic() - started < 5, "another key's requests never wait"
-    with db.connection(url) as conn:
+    with db.connection(migrated_url) as conn:
         logged = conn.execute("SELECT key_id, count(*) FROM polygon_requests GROUP BY 1")
         counts = dict(logged.fetchall())
         dump = str(conn.execute("SELECT * FROM polygon_requests").fetchall())
@@ -75,14 +65,14 @@ def test_keys_have_their_own_limits_and_are_never_stored(url: str) -> None:
     assert "pk_first" not in dump and "pk_second" not in dump
 
 
-def test_a_full_window_waits_until_its_oldest_request_leaves(url: str) -> None:
+def test_a_full_window_waits_until_its_oldest_request_leaves(migrated_url: str) -> None:
     waits: list[float] = []
 
     def sleep(seconds: float) -> None:
         waits.append(seconds)
         time.sleep(seconds)
 
-    limit = SharedRequestLimit(url, None, 2, window_seconds=WINDOW, sleep=sleep)
+    limit = SharedRequestLimit(migrated_url, None, 2, window_seconds=WINDOW, sleep=sleep)
     started = time.monotonic()
     for _ in range(3):
         limit.acquire()

@@ -26,7 +26,10 @@ from marketdata_pipeline.quality.coverage import (
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 
 OWNERS = ["team:market-data"]
-UNAVAILABLE = "unavailable"  # observation metadata: the provider's words on a month it refused
+# Observation metadata the status sensor reads: the provider's words on a month its plan does
+# not cover, and why a month's load was refused.
+UNAVAILABLE = "unavailable"
+REFUSED = "refused"
 GROUP = "market_data"
 PREVIEW_ROWS = 5
 # A run takes at most ten years of months of one symbol (or one month of many symbols):
@@ -163,15 +166,17 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
         polygon: PolygonResource,
         warehouse: WarehouseResource,
     ) -> Iterator[dg.AssetMaterialization | dg.AssetObservation | dg.AssetCheckResult]:
-        summaries: list[_Summary] = []
-        refused: list[str] = []
+        # By partition: a month fetched again (its bars came late) counts as its last outcome.
+        summaries: dict[str, _Summary] = {}
+        refused: dict[str, str] = {}
         yield from _materialize(context, spec, config, polygon, warehouse, summaries, refused)
-        yield from _check_results(spec, summaries)
+        yield from _check_results(spec, list(summaries.values()))
         if refused:
+            first, *others = refused.values()
             raise dg.Failure(
                 description=f"{spec.name}: {len(refused)} month(s) refused, they keep their "
-                f"bars: {refused[0]}" + (f" (and {len(refused) - 1} more)" if refused[1:] else ""),
-                metadata={"refused": "\n".join(refused)},
+                f"bars: {first}" + (f" (and {len(others)} more)" if others else ""),
+                metadata={"refused": "\n".join(refused.values())},
             )
 
     return bars_asset
@@ -183,11 +188,12 @@ def _materialize(
     config: BarsRunConfig,
     polygon: PolygonResource,
     warehouse: WarehouseResource,
-    summaries: list[_Summary],
-    refused: list[str],
+    summaries: dict[str, _Summary],
+    refused: dict[str, str],
 ) -> Iterator[dg.AssetMaterialization | dg.AssetObservation]:
     """Run the pipeline over the run's months of each symbol: a materialization for each
-    month loaded, an observation for each month the provider's plan does not cover."""
+    month loaded; an observation for each month the provider's plan does not cover, and for
+    each month whose load was refused (the status sensor reads both)."""
     source = polygon.source_label()
     if polygon.simulated:
         context.log.warning(f"SIMULATED DATA: bars come from {source}, not from Polygon")
@@ -207,6 +213,8 @@ def _materialize(
                     accept_shrink=config.accept_shrink,
                 ):
                     key = partition_key(outcome.window.month, symbol)
+                    refused.pop(key, None)
+                    summaries.pop(key, None)
                     if outcome.unavailable:
                         yield dg.AssetObservation(
                             asset_key=context.asset_key,
@@ -216,10 +224,16 @@ def _materialize(
                         )
                     elif outcome.refused:
                         context.log.error(outcome.refused)
-                        refused.append(outcome.refused)
+                        refused[key] = outcome.refused
+                        yield dg.AssetObservation(
+                            asset_key=context.asset_key,
+                            partition=key,
+                            description="load refused: the month keeps its bars",
+                            metadata={REFUSED: outcome.refused, "source": source},
+                        )
                     else:
                         summary = _summarize(spec, outcome)
-                        summaries.append(summary)
+                        summaries[key] = summary
                         yield dg.AssetMaterialization(
                             asset_key=context.asset_key,
                             partition=key,

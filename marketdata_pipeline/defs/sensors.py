@@ -8,7 +8,7 @@ import dagster as dg
 import psycopg
 
 from marketdata_pipeline import config
-from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, UNAVAILABLE, BarsAsset
+from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, REFUSED, UNAVAILABLE, BarsAsset
 from marketdata_pipeline.defs.partitions import month_and_symbol, months
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS
@@ -167,11 +167,11 @@ def window_states(
     at = _utc(event.timestamp)
     kind = event.dagster_event_type
     loaded: dict[tuple[str, str], tuple[int | None, int | None]] = {}
-    unavailable: dict[tuple[str, str], str] = {}
+    observed: dict[tuple[str, str], tuple[str, str]] = {}
     error = None
     if kind != dg.DagsterEventType.RUN_START:
         loaded = _loaded_windows(instance, run.run_id)
-        unavailable = _unavailable_windows(instance, run.run_id)
+        observed = _observed_windows(instance, run.run_id)
     if kind == dg.DagsterEventType.RUN_FAILURE:
         error = _failure_message(instance, run.run_id, event)
     states = []
@@ -179,7 +179,7 @@ def window_states(
         for key in keys:
             month, symbol = month_and_symbol(BARS_ASSETS[asset].partitions, key)
             rows = loaded.get((asset, key))
-            not_covered = unavailable.get((asset, key))
+            why_not_loaded = observed.get((asset, key))
             status = "failed"
             finished: datetime | None = at
             reason: str | None = error or "run failed"
@@ -187,8 +187,8 @@ def window_states(
                 status, finished, reason = "in_progress", None, None
             elif rows:
                 status, reason = "completed", None
-            elif not_covered:
-                status, reason = "unavailable", not_covered
+            elif why_not_loaded:
+                status, reason = why_not_loaded
             states.append(
                 backfill_state.WindowState(
                     asset=asset,
@@ -225,18 +225,23 @@ def _loaded_windows(
     return loaded
 
 
-def _unavailable_windows(instance: dg.DagsterInstance, run_id: str) -> dict[tuple[str, str], str]:
-    """(asset, partition) -> the provider's words, for months its plan does not cover."""
+def _observed_windows(
+    instance: dg.DagsterInstance, run_id: str
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """(asset, partition) -> (status, why) for the months a run observed but did not load:
+    `unavailable` (the provider's plan does not cover them) or `failed` (the load was
+    refused). The run's last word on a month counts."""
     found = {}
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
     for record in records.records:
         observation = record.event_log_entry.asset_observation
         if observation is None or observation.partition is None:
             continue
-        words = observation.metadata.get(UNAVAILABLE)
-        if words is not None:
-            key = (observation.asset_key.to_user_string(), observation.partition)
-            found[key] = str(getattr(words, "value", words))[:500]
+        key = (observation.asset_key.to_user_string(), observation.partition)
+        for name, status in ((UNAVAILABLE, "unavailable"), (REFUSED, "failed")):
+            words = observation.metadata.get(name)
+            if words is not None:
+                found[key] = (status, str(getattr(words, "value", words))[:500])
     return found
 
 

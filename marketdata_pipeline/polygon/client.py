@@ -9,9 +9,11 @@ more pages than the range can hold, stops the stream with the request id.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,11 +55,15 @@ _ENVELOPE_SCHEMA = pl.Schema(
 _WIRE_TO_BAR = {"t": "ts", "o": "open", "h": "high", "l": "low", "c": "close", "v": "volume"}
 _WIRE_TO_BAR |= {"vw": "vwap", "n": "trades"}
 _OK_STATUSES = ("OK", "DELAYED")
-# A boolean, or an integer too long for int64, in a numeric field: polars' typed read would
-# quietly make it 1.0 or null, so such a page is decoded again with its fields as text.
-_SUSPECT_VALUE = re.compile(rb'"(?:[ohlcvnt]|vw)"\s*:\s*(?:true|false|-?\d{19,})')
+# A boolean, a string, an integer too long for int64 or a non-finite literal in a numeric
+# field: polars' typed read would quietly make it a number or null, so such a page is read
+# again value by value.
+_SUSPECT_VALUE = re.compile(rb'"(?:[ohlcvnt]|vw)"\s*:\s*(?:true|false|"|-?\d{19,}|NaN|-?Infinity)')
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOAT_MAX = 1.7976931348623157e308
 # Base bars a day can hold per timespan, to bound the pages a range can need.
-_BARS_PER_DAY = {"second": 86_400, "minute": 1_440, "hour": 24}
+# (`limit` counts base bars: hour bars are built from minutes, day and longer from days).
+_BARS_PER_DAY = {"second": 86_400, "minute": 1_440, "hour": 1_440}
 _PLAN_LIMIT_WORDS = "plan doesn't include this data timeframe"
 _REDACTED = "[redacted]"
 _CREDENTIAL = re.compile(r"(?i)(bearer\s+|apikey=|api_key=|token=)[^\s&\"')]+")
@@ -120,85 +126,101 @@ def decode_page(
     """Decode one aggregates response body into a typed frame, checking what it claims.
 
     Polars parses the body straight into typed columns (about twice as fast as json.loads
-    and building a frame); only a body it refuses is parsed again, to say what is wrong.
-    A value of the wrong type is never coerced: its bar gets a `defects` entry naming it,
-    and validation quarantines it. `request_id` (the X-Request-Id header) names the
-    response when the body cannot.
+    and building a frame). A body it refuses, or one with a value of another type in a
+    numeric field, is read again value by value: such a value is never coerced, its bar gets
+    a `defects` entry naming it, and validation quarantines the bar. `request_id` (the
+    X-Request-Id header) names the response when the body cannot.
     """
-    strict = _SUSPECT_VALUE.search(content) is not None
-    try:
-        parsed = pl.read_json(io.BytesIO(content), schema=_ENVELOPE_SCHEMA) if not strict else None
-    except pl.exceptions.PolarsError:
-        parsed = None  # a value of another type (a string price): read it as text below
-    if parsed is None:
-        strict = True
-        try:
-            parsed = pl.read_json(io.BytesIO(content), schema=_TEXT_ENVELOPE_SCHEMA)
-        except pl.exceptions.PolarsError as error:
-            raise _diagnose(content, ticker, request_id, error) from None
-    envelope = parsed.drop("results").row(0, named=True) if parsed.height == 1 else {}
+    parsed = None
+    if not _SUSPECT_VALUE.search(content):
+        # A body polars refuses is read below, value by value, to name what is wrong.
+        with contextlib.suppress(pl.exceptions.PolarsError):
+            parsed = pl.read_json(io.BytesIO(content), schema=_ENVELOPE_SCHEMA)
+    if parsed is not None:
+        envelope = parsed.drop("results").row(0, named=True) if parsed.height == 1 else {}
+        results = parsed["results"][0] if parsed.height == 1 else None
+    else:
+        envelope, results = _json_envelope(content, ticker, request_id)
     where = f"for {ticker} (request id {envelope.get('request_id') or request_id or '?'})"
     if envelope.get("status") not in _OK_STATUSES:
         raise PolygonResponseError(f"Polygon returned an unexpected body {where}")
-    if envelope["ticker"] != ticker:
-        raise PolygonResponseError(f"Polygon answered for {envelope['ticker']!r} {where}")
-    if envelope["adjusted"] is not adjusted:
-        raise PolygonResponseError(f"Polygon answered adjusted={envelope['adjusted']} {where}")
-    request_id = envelope["request_id"] or request_id or "?"
-    if parsed["results"][0] is None:
-        return Page(empty_bars(), request_id, ticker, envelope["next_url"])
-    wire = parsed.select(pl.col("results").explode()).unnest("results")
-    frame = _from_text(wire) if strict else wire.rename(_WIRE_TO_BAR)
+    if envelope.get("ticker") != ticker:
+        raise PolygonResponseError(f"Polygon answered for {envelope.get('ticker')!r} {where}")
+    if envelope.get("adjusted") is not adjusted:
+        raise PolygonResponseError(f"Polygon answered adjusted={envelope.get('adjusted')} {where}")
+    request_id = envelope.get("request_id") or request_id or "?"
+    next_url = envelope.get("next_url")
+    if results is None or len(results) == 0:
+        return Page(empty_bars(), request_id, ticker, next_url)
+    if parsed is None:
+        frame = _strict_bars(results)
+    else:
+        frame = parsed.select(pl.col("results").explode()).unnest("results").rename(_WIRE_TO_BAR)
     frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"))
-    columns = [*BAR_SCHEMA.names(), *(["defects"] if strict else [])]
-    return Page(frame.select(columns), request_id, ticker, envelope["next_url"])
+    columns = [*BAR_SCHEMA.names(), *(["defects"] if parsed is None else [])]
+    return Page(frame.select(columns), request_id, ticker, next_url)
 
 
-_TEXT_ENVELOPE_SCHEMA = pl.Schema(
-    {
-        **{name: dtype for name, dtype in _ENVELOPE_SCHEMA.items() if name != "results"},
-        "results": pl.List(pl.Struct({name: pl.String() for name in _WIRE_SCHEMA})),
-    }
-)
-
-
-def _from_text(wire: pl.DataFrame) -> pl.DataFrame:
-    """Typed bar columns from text ones, and each bar's defects: booleans and values out of
-    their type's range become null with a reason, never a number."""
-    values, defects = [], []
-    for field, dtype in _WIRE_SCHEMA.items():
-        name, raw = _WIRE_TO_BAR[field], pl.col(field)
-        value = raw.cast(dtype, strict=False)
-        kind = "an integer" if dtype.is_integer() else "a number"
-        shown = raw.str.slice(0, 40)
-        values.append(value.alias(name))
-        defects.append(
-            pl.when(raw.is_in(["true", "false"]))
-            .then(pl.format("{} is a boolean ({}), not a number", pl.lit(name), shown))
-            .when(raw.is_not_null() & value.is_null())
-            .then(pl.format("{} is not {} in range ({})", pl.lit(name), pl.lit(kind), shown))
-        )
-    found = pl.concat_list(defects).list.drop_nulls()
-    return wire.select(*values, found.alias("defects"))
-
-
-def _diagnose(
-    content: bytes, ticker: str, request_id: str | None, error: Exception
-) -> PolygonResponseError:
+def _json_envelope(
+    content: bytes, ticker: str, request_id: str | None
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """The envelope and the bars of a body polars could not type, read with json."""
     try:
         body = json.loads(content)
     except ValueError:
-        return PolygonResponseError(
+        raise PolygonResponseError(
             f"Polygon returned malformed JSON for {ticker} "
             f"(request id {request_id or '?'}, {len(content)} bytes)"
+        ) from None
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not (
+        results is None or (isinstance(results, list) and all(isinstance(r, dict) for r in results))
+    ):
+        shown = body.get("request_id") if isinstance(body, dict) else None
+        raise PolygonResponseError(
+            f"Polygon's body breaks the aggregates schema for {ticker} "
+            f"(request id {shown or request_id or '?'}): `results` is not a list of bars"
         )
-    if isinstance(body, dict) and body.get("request_id"):
-        request_id = body["request_id"]
-    detail = str(error).strip().splitlines()[0][:160]
-    return PolygonResponseError(
-        f"Polygon's body breaks the aggregates schema for {ticker} "
-        f"(request id {request_id or '?'}): {detail}"
+    return body, results
+
+
+def _strict_bars(results: list[dict[str, Any]]) -> pl.DataFrame:
+    """Typed bar columns and each bar's defects: a boolean, a string, a number out of its
+    type's range or not finite becomes null with a reason, never a number."""
+    columns: dict[str, list[Any]] = {name: [] for name in _WIRE_TO_BAR.values()}
+    defects: list[list[str]] = []
+    for bar in results:
+        found: list[str] = []
+        for field, dtype in _WIRE_SCHEMA.items():
+            name = _WIRE_TO_BAR[field]
+            columns[name].append(_strict_value(name, bar.get(field), dtype.is_integer(), found))
+        defects.append(found)
+    schema = {_WIRE_TO_BAR[field]: dtype for field, dtype in _WIRE_SCHEMA.items()}
+    return pl.DataFrame(columns, schema=schema).with_columns(
+        defects=pl.Series(defects, dtype=pl.List(pl.String()))
     )
+
+
+def _strict_value(name: str, value: object, integer: bool, defects: list[str]) -> Any:
+    shown = json.dumps(value)[:40]
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        defects.append(f"{name} is a boolean ({shown}), not a number")
+    elif not isinstance(value, int | float):
+        kind = (
+            "string" if isinstance(value, str) else "list" if isinstance(value, list) else "object"
+        )
+        defects.append(f"{name} is a {kind} ({shown}), not a number")
+    elif isinstance(value, float) and not math.isfinite(value):
+        defects.append(f"{name} is not finite ({shown})")
+    elif integer and (not float(value).is_integer() or not _INT64_MIN <= value <= _INT64_MAX):
+        defects.append(f"{name} is not an integer in range ({shown})")
+    elif not integer and abs(value) > _FLOAT_MAX:
+        defects.append(f"{name} is not a number in range ({shown})")
+    else:
+        return int(value) if integer else float(value)
+    return None
 
 
 class PolygonClient:
@@ -260,7 +282,7 @@ class PolygonClient:
         while next_target is not None:
             response = self._get(next_target, params, ticker)
             page = decode_page(
-                response.content,
+                self._without_key(response.content),
                 ticker=ticker,
                 adjusted=adjusted,
                 request_id=response.headers.get("X-Request-Id"),
@@ -299,6 +321,12 @@ class PolygonClient:
             )
         ]
         return pl.concat(frames, how="diagonal") if frames else empty_bars()
+
+    def _without_key(self, content: bytes) -> bytes:
+        """A body with the key redacted, before any of it (a ticker, a request id, a bad
+        value) can reach a message or the warehouse."""
+        secret = self._secret.encode() if self._secret else b""
+        return content.replace(secret, _REDACTED.encode()) if secret else content
 
     def redact(self, text: str) -> str:
         """`text` without the key or anything that looks like a credential."""
@@ -351,7 +379,14 @@ class PolygonClient:
                 f"Polygon refused the request for {ticker} ({status}): {message}"
             )
         if status == 429:
-            raise _Retryable(f"429 {message}", retry_after=_retry_after(response))
+            retry_after = _retry_after(response)
+            if retry_after is not None and retry_after > self._retry.max_total_seconds:
+                raise PolygonUnavailable(
+                    f"Polygon asked to wait {retry_after:.0f} s before the next request for "
+                    f"{ticker}, longer than the retry budget of "
+                    f"{self._retry.max_total_seconds:.0f} s: {message}"
+                )
+            raise _Retryable(f"429 {message}", retry_after=retry_after)
         if status >= 500:
             raise _Retryable(f"{status} {message}")
         raise PolygonError(f"Polygon rejected the request for {ticker} ({status}): {message}")

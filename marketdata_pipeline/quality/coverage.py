@@ -57,8 +57,7 @@ def coverage(
     present = set(bar_days.unique().to_list())
     missing = [d for d in days if d not in present]
     if timeframe is Timeframe.DAILY:
-        bars = int(bar_days.is_in(days).sum())
-        return Coverage(len(days), missing, len(days), min(bars, len(days)))
+        return Coverage(len(days), missing, len(days), len(days) - len(missing))
     hours = trading_hours(market, days[0], days[-1]) if days else []
     opens = pl.Series([o for _, o, _ in hours], dtype=pl.Datetime("us", "UTC"))
     closes = pl.Series([c for _, _, c in hours], dtype=pl.Datetime("us", "UTC"))

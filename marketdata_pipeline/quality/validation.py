@@ -87,7 +87,12 @@ def hard_schema(
             ),
             **{price: _price_column() for price in PRICES},
             "volume": pa.Column(
-                pl.Float64, nullable=False, checks=_column_check("is negative", lambda c: c >= 0)
+                pl.Float64,
+                nullable=False,
+                checks=[
+                    _column_check("is infinite", lambda c: c.is_finite() | c.is_nan()),
+                    _column_check("is negative", lambda c: c >= 0),
+                ],
             ),
             "vwap": pa.Column(pl.Float64, nullable=True),
             "trades": pa.Column(
