@@ -55,10 +55,10 @@ _ENVELOPE_SCHEMA = pl.Schema(
 _WIRE_TO_BAR = {"t": "ts", "o": "open", "h": "high", "l": "low", "c": "close", "v": "volume"}
 _WIRE_TO_BAR |= {"vw": "vwap", "n": "trades"}
 _OK_STATUSES = ("OK", "DELAYED")
-# A boolean, a string, an integer too long for int64 or a non-finite literal in a numeric
-# field: polars' typed read would quietly make it a number or null, so such a page is read
-# again value by value.
-_SUSPECT_VALUE = re.compile(rb'"(?:[ohlcvnt]|vw)"\s*:\s*(?:true|false|"|-?\d{19,}|NaN|-?Infinity)')
+# An integer too long for int64 where an integer belongs: polars would make it null.
+_LONG_INTEGER = re.compile(rb'"[nt]"\s*:\s*-?\d{19}')
+# String fields of an aggregates envelope: ticker, status, request_id, next_url.
+_ENVELOPE_STRINGS = 4
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT_MAX = 1.7976931348623157e308
 # Base bars a day can hold per timespan, to bound the pages a range can need.
@@ -132,7 +132,7 @@ def decode_page(
     X-Request-Id header) names the response when the body cannot.
     """
     parsed = None
-    if not _SUSPECT_VALUE.search(content):
+    if not _suspect(content):
         # A body polars refuses is read below, value by value, to name what is wrong.
         with contextlib.suppress(pl.exceptions.PolarsError):
             parsed = pl.read_json(io.BytesIO(content), schema=_ENVELOPE_SCHEMA)
@@ -159,6 +159,21 @@ def decode_page(
     frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"))
     columns = [*BAR_SCHEMA.names(), *(["defects"] if parsed is None else [])]
     return Page(frame.select(columns), request_id, ticker, next_url)
+
+
+def _suspect(content: bytes) -> bool:
+    """Whether a body may hold a value polars' typed read would quietly coerce: a boolean
+    (beyond `adjusted`), a string (beyond the envelope's), NaN or Infinity, or an integer too
+    long for int64. Plain byte counts, a few ms for a 5 MB page: a false alarm only costs
+    the slower read."""
+    booleans = content.count(b'":true') + content.count(b'":false')
+    return (
+        booleans > 1
+        or content.count(b'":"') > _ENVELOPE_STRINGS
+        or b"NaN" in content
+        or b"Infinity" in content
+        or _LONG_INTEGER.search(content) is not None
+    )
 
 
 def _json_envelope(
