@@ -11,7 +11,12 @@ from pathlib import Path
 
 import psycopg
 
+from marketdata_pipeline.cli.ui import DEMO_DATABASE
 from marketdata_pipeline.config import DEFAULT_SYMBOLS
+from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse import embedded
+from marketdata_pipeline.warehouse.bootstrap import bootstrap
+from marketdata_pipeline.warehouse.connection import with_database
 from tests.conftest import PROJECT_DIR, run_cli
 
 RAW_KEY = re.compile(r"mdw_[A-Za-z0-9_-]{43}")
@@ -116,3 +121,48 @@ def test_dagster_definitions_validate(database_url: str, tmp_path: Path) -> None
         timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_unset_up_warehouse_is_one_line_not_a_traceback(database_url: str) -> None:
+    for command in (["symbols", "list"], ["keys", "list"], ["stats", "AAPL"]):
+        result = run_cli(*command, env={"DATABASE_URL": database_url})
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert "not set up" in result.stderr and "marketdata bootstrap" in result.stderr
+
+
+def test_commands_use_the_database_of_the_ui_running_on_their_home(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["MARKETDATA_HOME"] = str(home)
+
+    def marketdata(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "marketdata_pipeline", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+
+    admin = embedded.start(home)
+    try:
+        embedded.ensure_database(admin, DEMO_DATABASE)
+        with db.connection(with_database(admin, DEMO_DATABASE)) as conn:
+            bootstrap(conn)
+        embedded.record_ui(DEMO_DATABASE, home)  # as `marketdata ui` does; this pid is alive
+        listed = marketdata("symbols", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert len(listed.stdout.splitlines()) == 1 + len(DEFAULT_SYMBOLS)
+        refused = marketdata("db", "stop")
+        assert refused.returncode == 1 and "stop the UI first" in refused.stderr
+        assert embedded.is_running(home)
+
+        embedded.forget_ui(home)  # the UI is gone: commands use `marketdata`, not set up here
+        other = marketdata("symbols", "list")
+        assert other.returncode == 1 and "not set up" in other.stderr
+        stopped = marketdata("db", "stop")
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    finally:
+        embedded.stop(home, by_ui=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,9 +104,12 @@ def symbol_row(url: str, symbol: str) -> tuple:
     return row
 
 
+TICKS: list[str] = []  # what each evaluation of the status sensor said
+
+
 def evaluate_status_sensor(instance: dg.DagsterInstance, cursor: str | None = None):
     context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=RESOURCES)
-    backfill_status_sensor(context)
+    TICKS.append(backfill_status_sensor(context).skip_message or "")
     return context.cursor
 
 
@@ -121,6 +125,10 @@ def test_status_sensor_after_success_failure_and_ranged_runs_twice(
     assert not materialize(instance, server, "crypto_daily_bars", key="2024-05-01|ETH").success
 
     cursor = evaluate_status_sensor(instance)  # first tick: sees the runs before it
+    said = re.fullmatch(
+        r"6 run event\(s\) read, 6 of bars runs: (\d+) backfill row\(s\) written", TICKS[-1]
+    )
+    assert said and int(said.group(1)) >= 5, f"the tick says what it did: {TICKS[-1]}"
     rows = state_rows(url)
     by_window = {(r[0], r[1], str(r[2])): r for r in rows}
     assert len(rows) == 1 + 3 + 1
@@ -180,6 +188,10 @@ def test_started_run_is_in_progress_and_a_replayed_start_never_regresses(
     assert symbol_row(url, "NVDA")[0] == "completed"
 
 
+def add_config(**config: str) -> dict:
+    return {"ops": {"register_symbol": {"config": config}}}
+
+
 def test_admin_jobs_and_no_secret_in_the_event_log(url, instance, tmp_path: Path) -> None:
     defs = dg.Definitions(jobs=[add_symbol, remove_symbol, create_api_key], resources=RESOURCES)
     added = defs.get_job_def("add_symbol").execute_in_process(
@@ -189,6 +201,22 @@ def test_admin_jobs_and_no_secret_in_the_event_log(url, instance, tmp_path: Path
     assert added.success
     with db.connection(url) as conn:
         assert registry.get(conn, "HOOD").active
+    crypto = defs.get_job_def("add_symbol").execute_in_process(
+        instance=instance,
+        run_config={
+            "ops": {"register_symbol": {"config": {"symbol": "doge", "asset_class": "CRYPTO"}}}
+        },
+    )
+    assert crypto.success
+    with db.connection(url) as conn:
+        assert registry.get(conn, "DOGE").asset_class == "crypto"
+    with pytest.raises(dg.DagsterInvalidConfigError):  # refused by the config, not at run time
+        defs.get_job_def("add_symbol").execute_in_process(
+            instance=instance,
+            run_config={
+                "ops": {"register_symbol": {"config": {"symbol": "TLT", "asset_class": "bond"}}}
+            },
+        )
     duplicate = defs.get_job_def("add_symbol").execute_in_process(
         instance=instance,
         run_config={"ops": {"register_symbol": {"config": {"symbol": "HOOD"}}}},

@@ -6,6 +6,7 @@ import logging
 import sys
 
 import click
+import psycopg
 
 from marketdata_pipeline.cli.db import bootstrap_command, db_group
 from marketdata_pipeline.cli.keys import keys_group
@@ -38,6 +39,11 @@ for command in (
     cli.add_command(command)
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="marketdata", standalone_mode=False)
@@ -56,5 +62,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except MarketdataError as error:
         click.echo(f"marketdata: error: {error}", err=True)
+        sys.exit(1)
+    except psycopg.errors.UndefinedTable as error:
+        click.echo(
+            f"marketdata: error: the warehouse is not set up ({_first_line(error)}): run "
+            "`marketdata bootstrap`",
+            err=True,
+        )
+        sys.exit(1)
+    except psycopg.Error as error:
+        click.echo(f"marketdata: database error: {_first_line(error)}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -21,7 +21,8 @@ def stats_command(symbol: str) -> None:
         ["TIMEFRAME", "BARS", "FIRST", "LAST", "VALIDATION", "MISSING DAYS"],
         [
             [s.timeframe, f"{s.bars:,}", when(s.first_bar), when(s.last_bar),
-             f"{s.validation_rate:.2%}", _missing(s.missing_days)]
+             "-" if s.validation_rate is None else f"{s.validation_rate:.2%}",
+             _missing(s.missing_days)]
             for s in per_timeframe
         ],
     )  # fmt: skip

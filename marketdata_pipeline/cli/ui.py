@@ -43,14 +43,27 @@ def ui_command(port: int) -> None:
             "POLYGON_API_KEY is not set: the offline demo writes synthetic bars only to its "
             "own embedded database; unset DATABASE_URL or set POLYGON_API_KEY"
         )
+    if ui := embedded.running_ui():
+        raise ConfigError(f"a Dagster UI (pid {ui.pid}) already runs on this MARKETDATA_HOME")
+    # Resolved once, here: Dagster's processes start in the Dagster home, where a relative
+    # MARKETDATA_HOME would name another folder (and put API key files there).
+    os.environ["MARKETDATA_HOME"] = str(config.marketdata_home())
     started_embedded = not config.database_url() and not embedded.is_running()
-    url = embedded.warehouse_url(DEMO_DATABASE if simulated else "marketdata")
+    database = DEMO_DATABASE if simulated else embedded.DEFAULT_DATABASE
+    url = embedded.warehouse_url(database)
     with connection(url) as conn:
         print_bootstrap(bootstrap(conn))
+    if not config.database_url():
+        embedded.record_ui(database)  # other commands on this home now use this database
     dagster_home = _dagster_instance(url, simulated)
     server = _start_demo_simulator() if simulated else None
     _register_symbol_partitions(url)
-    click.echo(f"Dagster UI: http://127.0.0.1:{port}  (warehouse {describe(url)})")
+    click.echo(f"Dagster UI: http://127.0.0.1:{port}  (warehouse {describe(url)}, {database})")
+    if not config.database_url():
+        click.echo(
+            f"While it runs, `marketdata` commands with MARKETDATA_HOME="
+            f"{config.marketdata_home()} use the {database} database; psql: {url}"
+        )
     try:
         subprocess.run(
             [
@@ -66,8 +79,9 @@ def ui_command(port: int) -> None:
     finally:
         if server:
             server.shutdown()
+        embedded.forget_ui()
         if started_embedded:
-            embedded.stop()
+            embedded.stop(by_ui=True)
             click.echo("embedded PostgreSQL stopped")
 
 

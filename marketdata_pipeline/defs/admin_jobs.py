@@ -20,7 +20,9 @@ TAGS = {"marketdata/kind": "admin"}
 
 class AddSymbolConfig(dg.Config):
     symbol: str = Field(description="Ticker, e.g. AAPL; crypto as its base currency, e.g. BTC.")
-    asset_class: str = Field(default="stock", description="stock | etf | crypto")
+    # An enum, so the launchpad offers STOCK, ETF and CRYPTO and refuses anything else
+    # before the run starts.
+    asset_class: AssetClass = Field(default=AssetClass.STOCK, description="STOCK, ETF or CRYPTO.")
 
 
 class SymbolConfig(dg.Config):
@@ -49,7 +51,7 @@ def register_symbol(
     context: dg.OpExecutionContext, config: AddSymbolConfig, warehouse: WarehouseResource
 ) -> None:
     with warehouse.connection() as conn, _failing_clearly():
-        added = symbols.add(conn, config.symbol, AssetClass.parse(config.asset_class))
+        added = symbols.add(conn, config.symbol, config.asset_class)
     context.log.info(
         f"registered {added.symbol} ({added.asset_class}); the registry sensor adds its "
         "partitions and backfills its history on its next tick"

@@ -36,19 +36,54 @@ PREVIEW_ROWS = 5
 # bounded work per run, and a backfill of S symbols x M months becomes about S runs.
 MAX_PARTITIONS_PER_RUN = 120
 
+# Descriptions are Markdown in the UI: they start with words, never with ">" (a quote).
+_NOT_NULL = dg.TableColumnConstraints(nullable=False)
 COLUMN_SCHEMA = dg.TableSchema(
     columns=[
-        dg.TableColumn("symbol", "text", description="Registry symbol (crypto: base currency)."),
-        dg.TableColumn("ts", "timestamptz", description="Window start of the bar (Polygon t)."),
-        dg.TableColumn("open", "double precision", description="> 0, finite."),
-        dg.TableColumn("high", "double precision", description=">= open, close and low."),
-        dg.TableColumn("low", "double precision", description="<= open, close and high; > 0."),
-        dg.TableColumn("close", "double precision", description="> 0, finite."),
-        dg.TableColumn("volume", "double precision", description=">= 0 (crypto: fractional)."),
-        dg.TableColumn("vwap", "double precision", description="Optional; within [low, high]."),
-        dg.TableColumn("trades", "bigint", description="Optional; >= 0."),
+        dg.TableColumn(
+            "symbol",
+            "text",
+            description="Registry symbol (crypto: the base currency).",
+            constraints=_NOT_NULL,
+        ),
+        dg.TableColumn(
+            "ts",
+            "timestamptz",
+            description="Start of the bar's window (Polygon's t), UTC.",
+            constraints=_NOT_NULL,
+        ),
+        dg.TableColumn(
+            "open", "double precision", description="Positive and finite.", constraints=_NOT_NULL
+        ),
+        dg.TableColumn(
+            "high",
+            "double precision",
+            description="At least open, close and low.",
+            constraints=_NOT_NULL,
+        ),
+        dg.TableColumn(
+            "low",
+            "double precision",
+            description="Positive; at most open, close and high.",
+            constraints=_NOT_NULL,
+        ),
+        dg.TableColumn(
+            "close", "double precision", description="Positive and finite.", constraints=_NOT_NULL
+        ),
+        dg.TableColumn(
+            "volume",
+            "double precision",
+            description="Zero or more, finite (fractional for crypto).",
+            constraints=_NOT_NULL,
+        ),
+        dg.TableColumn(
+            "vwap",
+            "double precision",
+            description="Optional; within [low, high], give or take 0.1%.",
+        ),
+        dg.TableColumn("trades", "bigint", description="Optional; zero or more."),
     ],
-    constraints=dg.TableConstraints(other=["primary key (symbol, ts)", "ts unique per symbol"]),
+    constraints=dg.TableConstraints(other=["primary key (symbol, ts)"]),
 )
 
 

@@ -23,9 +23,10 @@ class TimeframeStats:
     missing_days: list[date]  # sessions (stocks) or days (crypto) without a bar
 
     @property
-    def validation_rate(self) -> float:
+    def validation_rate(self) -> float | None:
+        """Share of received bars that passed; None when there were none."""
         total = self.bars + self.rejected
-        return self.bars / total if total else 1.0
+        return self.bars / total if total else None
 
 
 def stats(conn: psycopg.Connection, symbol: str) -> tuple[TrackedSymbol, list[TimeframeStats]]:

@@ -8,10 +8,13 @@ the server as an unprivileged system user, which PostgreSQL requires.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 # pgserver reads the XDG runtime dir at import; where it is unset (containers, CI) platformdirs
@@ -22,6 +25,7 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from marketdata_pipeline import config  # noqa: E402
+from marketdata_pipeline.errors import ConfigError  # noqa: E402
 from marketdata_pipeline.warehouse.connection import connection  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -64,8 +68,19 @@ def is_running(home: Path | None = None) -> bool:
     return pid_file.exists()
 
 
-def stop(home: Path | None = None) -> bool:
-    """Stop the embedded server cleanly (a fast shutdown: sessions end, data is flushed)."""
+class ServerInUse(ConfigError):
+    """The embedded server serves a running UI."""
+
+
+def stop(home: Path | None = None, *, by_ui: bool = False) -> bool:
+    """Stop the embedded server cleanly (a fast shutdown: sessions end, data is flushed).
+    Refused while a UI runs on this home, unless that UI is the one stopping it."""
+    ui = running_ui(home)
+    if ui and not by_ui:
+        raise ServerInUse(
+            f"the Dagster UI (pid {ui.pid}) runs on this MARKETDATA_HOME's server: stop the "
+            "UI first (it stops the server it started)"
+        )
     pgdata = data_dir(home)
     with _server_lock(pgdata):
         if not is_running(home):
@@ -96,10 +111,48 @@ def ensure_database(admin_url: str, name: str) -> None:
         log.info("created database %s", name)
 
 
-def warehouse_url(database: str = "marketdata") -> str:
-    """DATABASE_URL when set, else `database` on the embedded server (created if missing)."""
+DEFAULT_DATABASE = "marketdata"
+
+
+def warehouse_url(database: str | None = None) -> str:
+    """DATABASE_URL when set, else a database on the embedded server (created if missing):
+    `database`, or the one the UI running on this MARKETDATA_HOME uses (the offline demo's
+    while the demo runs), or `marketdata`. So every command agrees with the UI."""
     url = config.database_url()
     if url:
         return url
-    ensure_database(start(), database)
-    return start(database=database)
+    ui = running_ui()
+    name = database or (ui.database if ui else DEFAULT_DATABASE)
+    ensure_database(start(), name)
+    return start(database=name)
+
+
+def _ui_file(home: Path | None = None) -> Path:
+    return (home or config.marketdata_home()) / "ui.json"
+
+
+def record_ui(database: str, home: Path | None = None) -> None:
+    """Note that this process runs the UI on `database` of this home's embedded server."""
+    _ui_file(home).write_text(json.dumps({"pid": os.getpid(), "database": database}))
+
+
+def forget_ui(home: Path | None = None) -> None:
+    _ui_file(home).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class RunningUi:
+    pid: int
+    database: str
+
+
+def running_ui(home: Path | None = None) -> RunningUi | None:
+    """The UI running on this home, or None: none was recorded, or the process that
+    recorded it is gone (a UI killed without its cleanup)."""
+    try:
+        recorded = json.loads(_ui_file(home).read_text())
+        ui = RunningUi(int(recorded["pid"]), str(recorded["database"]))
+        os.kill(ui.pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ui
