@@ -6,6 +6,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -142,8 +143,9 @@ def test_status_sensor_after_success_failure_and_ranged_runs_twice(
     eth = by_window[("crypto_daily_bars", "ETH", "2024-05-01")]
     assert eth[3] == "failed" and "not entitled" in eth[7]
 
-    assert symbol_row(url, "AAPL")[0] == "completed" and symbol_row(url, "AAPL")[1] is not None
-    assert symbol_row(url, "MSFT")[0] == "completed"
+    # A month or three of a history that reaches back to 2020 is not a completed backfill.
+    assert symbol_row(url, "AAPL")[0] == "pending" and symbol_row(url, "AAPL")[1] is not None
+    assert symbol_row(url, "MSFT")[0] == "pending"
     eth_row = symbol_row(url, "ETH")
     assert eth_row[0] == "failed" and "not entitled" in eth_row[2]
     assert symbol_row(url, "NVDA")[0] == "pending"
@@ -153,11 +155,12 @@ def test_status_sensor_after_success_failure_and_ranged_runs_twice(
     assert state_rows(url) == rows
     assert evaluate_status_sensor(instance, cursor) == cursor
 
-    # A later successful run of the failed window rolls the symbol up to completed.
+    # A later successful run of the failed window clears the failure; the rest of the
+    # history is still to load.
     sim.clear_faults()
     assert materialize(instance, server, "crypto_daily_bars", key="2024-05-01|ETH").success
     evaluate_status_sensor(instance, cursor)
-    assert symbol_row(url, "ETH")[:3:2] == ("completed", None)
+    assert symbol_row(url, "ETH")[:3:2] == ("pending", None)
 
 
 def test_started_run_is_in_progress_and_a_replayed_start_never_regresses(
@@ -187,7 +190,34 @@ def test_started_run_is_in_progress_and_a_replayed_start_never_regresses(
     with db.connection(url) as conn:  # STARTED delivered again after SUCCESS
         backfill_state.record(conn, window_states(instance, start))
     assert [r[3] for r in state_rows(url)] == ["completed"]
-    assert symbol_row(url, "NVDA")[0] == "completed"
+    assert symbol_row(url, "NVDA")[0] == "pending"  # one window of its history
+
+
+def test_a_symbol_is_completed_only_when_its_whole_history_is(url) -> None:
+    def state(asset: str, month: str, status: str) -> backfill_state.WindowState:
+        started = datetime(2026, 1, 1, tzinfo=UTC)
+        return backfill_state.WindowState(
+            asset, "AAPL", date.fromisoformat(month), status, f"run-{asset}-{month}",
+            started, started, 1, 0, None,
+        )  # fmt: skip
+
+    expected = 4  # two months of history, daily and minute
+    with db.connection(url) as conn:
+        backfill_state.record(
+            conn, [state("stock_daily_bars", "2026-01-01", "completed")], expected
+        )
+        assert symbol_row(url, "AAPL")[0] == "pending"
+        backfill_state.record(
+            conn,
+            [
+                state("stock_daily_bars", "2026-02-01", "completed"),
+                state("stock_minute_bars", "2026-01-01", "unavailable"),  # beyond the plan
+                state("stock_minute_bars", "2026-02-01", "completed"),
+            ],
+            expected,
+        )
+        assert symbol_row(url, "AAPL")[0] == "completed"
+        assert backfill_state.loaded_windows(conn) == {"AAPL": 4}
 
 
 def add_config(**config: str) -> dict:

@@ -7,6 +7,7 @@ from datetime import date
 import click
 
 from marketdata_pipeline.cli.common import table, warehouse, when
+from marketdata_pipeline.registry import backfill_state
 from marketdata_pipeline.registry.stats import stats
 
 
@@ -16,7 +17,11 @@ def stats_command(symbol: str) -> None:
     """Bars per timeframe, first and last bar, validation rate and calendar gaps of SYMBOL."""
     with warehouse() as conn:
         tracked, per_timeframe = stats(conn, symbol)
-    click.echo(f"{tracked.symbol} ({tracked.asset_class}), backfill {tracked.backfill_status}")
+        loaded = backfill_state.loaded_windows(conn).get(tracked.symbol, 0)
+    click.echo(
+        f"{tracked.symbol} ({tracked.asset_class}), backfill {tracked.backfill_status} "
+        f"({loaded} of {backfill_state.expected_windows()} month windows loaded)"
+    )
     table(
         ["TIMEFRAME", "BARS", "FIRST", "LAST", "VALIDATION", "MISSING DAYS"],
         [

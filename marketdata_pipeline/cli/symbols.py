@@ -37,11 +37,14 @@ def symbols_list(asset_class: str | None, include_inactive: bool) -> None:
             asset_class=AssetClass(asset_class) if asset_class else None,
             include_inactive=include_inactive,
         )
+        loaded = backfill_state.loaded_windows(conn)
+    expected = backfill_state.expected_windows()
     table(
-        ["SYMBOL", "CLASS", "ACTIVE", "BACKFILL", "LAST BACKFILL", "ERROR"],
+        ["SYMBOL", "CLASS", "ACTIVE", "BACKFILL", "WINDOWS", "LAST BACKFILL", "ERROR"],
         [
             [r.symbol, r.asset_class, "yes" if r.active else "no", r.backfill_status,
-             when(r.last_backfill), r.backfill_error or ""]
+             f"{loaded.get(r.symbol, 0)}/{expected}", when(r.last_backfill),
+             r.backfill_error or ""]
             for r in rows
         ],
     )  # fmt: skip
@@ -54,9 +57,11 @@ def symbols_show(symbol: str) -> None:
     with warehouse() as conn:
         tracked = symbols.get(conn, symbol)
         windows = backfill_state.windows(conn, tracked.symbol)
+        loaded = backfill_state.loaded_windows(conn).get(tracked.symbol, 0)
     click.echo(
         f"{tracked.symbol} ({tracked.asset_class}), {'active' if tracked.active else 'removed'}, "
-        f"added {when(tracked.date_added)}, backfill {tracked.backfill_status}"
+        f"added {when(tracked.date_added)}, backfill {tracked.backfill_status} "
+        f"({loaded} of {backfill_state.expected_windows()} month windows loaded)"
         + (f": {tracked.backfill_error}" if tracked.backfill_error else "")
     )
     table(

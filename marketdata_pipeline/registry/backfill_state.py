@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 import psycopg
+
+from marketdata_pipeline import config
+from marketdata_pipeline.domain import Timeframe
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,13 @@ FROM (
     SELECT symbol,
            CASE WHEN bool_or(status = 'in_progress') THEN 'in_progress'
                 WHEN bool_or(status = 'failed') THEN 'failed'
-                ELSE 'completed' END AS status,
+                WHEN count(*) FILTER (WHERE status IN ('completed', 'unavailable'))
+                     >= %(expected)s THEN 'completed'
+                ELSE 'pending' END AS status,
            (array_agg(error ORDER BY finished_at DESC NULLS LAST)
                 FILTER (WHERE status = 'failed'))[1] AS error,
            max(finished_at) FILTER (WHERE status = 'completed') AS last_backfill
-    FROM backfill_state WHERE symbol = ANY(%s) GROUP BY symbol
+    FROM backfill_state WHERE symbol = ANY(%(symbols)s) GROUP BY symbol
 ) r
 WHERE t.symbol = r.symbol
   AND (t.backfill_status, t.backfill_error, t.last_backfill)
@@ -65,15 +70,46 @@ WHERE t.symbol = r.symbol
 """
 
 
-def record(conn: psycopg.Connection, states: Iterable[WindowState]) -> int:
-    """Write window states and roll them up onto their symbols; returns rows changed."""
+def expected_windows(today: date | None = None) -> int:
+    """The windows of a symbol's whole history: every month from MARKETDATA_HISTORY_START to
+    this one (the partitions' months), for each timeframe."""
+    today = today or datetime.now(UTC).date()
+    start = config.history_start()
+    months = (today.year - start.year) * 12 + today.month - start.month + 1
+    return max(months, 0) * len(Timeframe)
+
+
+def record(
+    conn: psycopg.Connection, states: Iterable[WindowState], expected: int | None = None
+) -> int:
+    """Write window states and roll them up onto their symbols; returns rows changed.
+
+    A symbol is `completed` only when all `expected` windows of its history (default: its
+    whole history, `expected_windows()`) are completed or unavailable; `pending` while some
+    are still to load; `in_progress` or `failed` when any window is.
+    """
     states = list(states)
     changed = 0
     with conn.transaction():
         for state in states:
             changed += conn.execute(_UPSERT, state.__dict__).rowcount
-        changed += conn.execute(_ROLLUP, (sorted({s.symbol for s in states}),)).rowcount
+        changed += conn.execute(
+            _ROLLUP,
+            {
+                "symbols": sorted({s.symbol for s in states}),
+                "expected": expected_windows() if expected is None else expected,
+            },
+        ).rowcount
     return changed
+
+
+def loaded_windows(conn: psycopg.Connection) -> dict[str, int]:
+    """Per symbol, the windows whose history is done: completed or unavailable."""
+    rows = conn.execute(
+        "SELECT symbol, count(*) FROM backfill_state "
+        "WHERE status IN ('completed', 'unavailable') GROUP BY symbol"
+    ).fetchall()
+    return dict(rows)
 
 
 def windows(conn: psycopg.Connection, symbol: str) -> list[WindowState]:
