@@ -48,18 +48,19 @@ def ui_command(port: int) -> None:
     # Resolved once, here: Dagster's processes start in the Dagster home, where a relative
     # MARKETDATA_HOME would name another folder (and put API key files there).
     os.environ["MARKETDATA_HOME"] = str(config.marketdata_home())
-    started_embedded = not config.database_url() and not embedded.is_running()
+    on_embedded = not config.database_url()  # read now: the UI's env sets DATABASE_URL below
+    started_embedded = on_embedded and not embedded.is_running()
     database = DEMO_DATABASE if simulated else embedded.DEFAULT_DATABASE
     url = embedded.warehouse_url(database)
     with connection(url) as conn:
         print_bootstrap(bootstrap(conn))
-    if not config.database_url():
+    if on_embedded:
         embedded.record_ui(database)  # other commands on this home now use this database
     dagster_home = _dagster_instance(url, simulated)
     server = _start_demo_simulator() if simulated else None
     _register_symbol_partitions(url)
     click.echo(f"Dagster UI: http://127.0.0.1:{port}  (warehouse {describe(url)}, {database})")
-    if not config.database_url():
+    if on_embedded:
         click.echo(
             f"While it runs, `marketdata` commands with MARKETDATA_HOME="
             f"{config.marketdata_home()} use the {database} database; psql: {url}"
