@@ -271,7 +271,7 @@ def test_symbols_that_upper_case_into_ascii_are_refused(url: str, symbol: str) -
 def test_cli_refuses_symbols_that_upper_case_into_ascii(url: str) -> None:
     for symbol in LOOKALIKES:
         result = run_cli("symbols", "add", symbol, env={"DATABASE_URL": url})
-        assert result.returncode == 1, result.stdout
+        assert result.returncode == 2, result.stdout  # a bad argument
         assert result.stdout == ""
         assert result.stderr.strip().splitlines() == [
             f"marketdata: error: invalid symbol {symbol!r}: expected 1-12 letters, digits "

@@ -140,6 +140,9 @@ def test_cli_symbols_keys_and_stats(url: str) -> None:
     )
     bad_class = run_cli("symbols", "add", "X", "--class", "bond", env=env)
     assert bad_class.returncode == 2 and len(bad_class.stderr.strip().splitlines()) == 1
+    bad_symbol = run_cli("symbols", "add", "bad!sym", env=env)
+    assert bad_symbol.returncode == 2 and bad_symbol.stderr.count("\n") == 1
+    assert "invalid symbol 'bad!sym'" in bad_symbol.stderr
     listing = run_cli("symbols", "list", "--class", "crypto", env=env).stdout.splitlines()
     assert [line.split()[0] for line in listing] == ["SYMBOL", "BTC", "ETH", "SOL"]
     assert "removed HOOD" in run_cli("symbols", "remove", "HOOD", env=env).stdout

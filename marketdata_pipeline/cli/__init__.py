@@ -14,6 +14,7 @@ from marketdata_pipeline.cli.simulator import simulator_command
 from marketdata_pipeline.cli.stats import stats_command
 from marketdata_pipeline.cli.symbols import symbols_group
 from marketdata_pipeline.cli.ui import ui_command
+from marketdata_pipeline.domain import InvalidSymbol
 from marketdata_pipeline.errors import MarketdataError
 
 
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort:
         click.echo("marketdata: aborted", err=True)
         sys.exit(130)
+    except InvalidSymbol as error:  # a symbol argument: a bad argument, like click's own
+        click.echo(f"marketdata: error: {error}", err=True)
+        sys.exit(2)
     except MarketdataError as error:
         click.echo(f"marketdata: error: {error}", err=True)
         sys.exit(1)
