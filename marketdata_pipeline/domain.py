@@ -36,11 +36,6 @@ class Market(StrEnum):
         return "XNYS" if self is Market.STOCK else None
 
     @property
-    def minutes_per_day(self) -> int:
-        """Minute bars a full day can hold: 04:00-20:00 New York for stocks, 24 h for crypto."""
-        return 16 * 60 if self is Market.STOCK else 24 * 60
-
-    @property
     def asset_classes(self) -> tuple[AssetClass, ...]:
         return tuple(c for c in AssetClass if c.market is self)
 

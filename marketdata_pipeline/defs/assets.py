@@ -5,6 +5,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
+from functools import cached_property
 
 import dagster as dg
 import polars as pl
@@ -102,8 +103,10 @@ class BarsAsset:
     def name(self) -> str:
         return f"{self.market}_{self.timeframe}_bars"
 
-    @property
+    @cached_property
     def partitions(self) -> dg.MultiPartitionsDefinition:
+        # Built once: it is the asset's partitions_def, and runs and the status sensor parse
+        # every partition key against it.
         return bars_partitions(self.market)
 
     @property

@@ -16,7 +16,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -302,7 +302,7 @@ class PolygonClient:
                 adjusted=adjusted,
                 request_id=response.headers.get("X-Request-Id"),
             )
-            yield Page(page.frame, page.request_id, ticker, page.next_url, datetime.now(UTC))
+            yield replace(page, received_at=datetime.now(UTC))
             followed.add(next_target)
             next_target = _path_and_query(page.next_url) if page.next_url else None
             params = None  # the cursor in next_url carries them

@@ -190,15 +190,8 @@ def local_midnights_ms(days: np.ndarray, market: Market) -> np.ndarray:
 
 
 def _sessions(market: Market, first: date, last: date) -> list[date]:
-    """The market's days in [first, last], within the simulator's history and the exchange
-    calendar's bounds (exchange_calendars raises for a day outside them)."""
-    first, last = max(first, FIRST_DAY), min(last, LAST_DAY)
-    if market.exchange_calendar is not None:
-        # calendars keeps one calendar per exchange; its bounds are the calendar's own.
-        known = calendars._calendar(market.exchange_calendar)
-        first = max(first, known.first_session.date())
-        last = min(last, known.last_session.date())
-    return calendars.sessions(market, first, last)
+    """The market's days in [first, last], within the simulator's history."""
+    return calendars.sessions(market, max(first, FIRST_DAY), min(last, LAST_DAY))
 
 
 def _midnights(market: Market, first: date, last: date) -> np.ndarray:

@@ -29,6 +29,11 @@ def sessions(market: Market, first: date, last: date) -> list[date]:
     if market.exchange_calendar is None:
         return [first + timedelta(days=i) for i in range((last - first).days + 1)]
     calendar = _calendar(market.exchange_calendar)
+    # exchange_calendars raises for a day outside the calendar's bounds: none are sessions.
+    first = max(first, calendar.first_session.date())
+    last = min(last, calendar.last_session.date())
+    if last < first:
+        return []
     return [ts.date() for ts in calendar.sessions_in_range(first.isoformat(), last.isoformat())]
 
 

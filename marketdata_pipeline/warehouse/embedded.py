@@ -26,7 +26,7 @@ from psycopg import sql  # noqa: E402
 
 from marketdata_pipeline import config  # noqa: E402
 from marketdata_pipeline.errors import ConfigError  # noqa: E402
-from marketdata_pipeline.warehouse.connection import connection  # noqa: E402
+from marketdata_pipeline.warehouse.connection import connection, with_database  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,9 @@ def warehouse_url(database: str | None = None) -> str:
         return url
     ui = running_ui()
     name = database or (ui.database if ui else DEFAULT_DATABASE)
-    ensure_database(start(), name)
-    return start(database=name)
+    admin = start()
+    ensure_database(admin, name)
+    return with_database(admin, name)
 
 
 def _ui_file(home: Path | None = None) -> Path:
