@@ -7,13 +7,9 @@ import dagster as dg
 from marketdata_pipeline import config
 from marketdata_pipeline.defs.admin_jobs import admin_jobs
 from marketdata_pipeline.defs.assets import bars_assets
-from marketdata_pipeline.defs.checks import freshness_checks
+from marketdata_pipeline.defs.checks import FRESHNESS_CHECKS
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
-from marketdata_pipeline.defs.schedules import (
-    REFRESH_JOBS,
-    crypto_bars_daily,
-    stock_bars_after_close,
-)
+from marketdata_pipeline.defs.schedules import FRESHNESS_JOBS, REFRESH_JOBS, SCHEDULES
 from marketdata_pipeline.defs.sensors import backfill_status_sensor, symbol_registry_sensor
 
 
@@ -21,9 +17,9 @@ from marketdata_pipeline.defs.sensors import backfill_status_sensor, symbol_regi
 def defs() -> dg.Definitions:
     return dg.Definitions(
         assets=bars_assets,
-        asset_checks=freshness_checks,
-        jobs=[*REFRESH_JOBS.values(), *admin_jobs],
-        schedules=[stock_bars_after_close, crypto_bars_daily],
+        asset_checks=list(FRESHNESS_CHECKS.values()),
+        jobs=[*REFRESH_JOBS.values(), *FRESHNESS_JOBS.values(), *admin_jobs],
+        schedules=SCHEDULES,
         sensors=[symbol_registry_sensor, backfill_status_sensor],
         # Each bars run is one step; running it in the run's own process saves a second
         # process start (about 3 s) per run, which dominates a backfill's many short runs.

@@ -1,5 +1,5 @@
 """The vocabulary of the pipeline: markets and asset classes, timeframes, symbols, the bar
-schema, and the (symbol, month) windows that are fetched and loaded as a unit.
+schema, and the windows (days of one symbol's month) that are fetched and loaded as a unit.
 
 Whatever differs between stocks and crypto, or between daily and minute bars, is a property
 here, so no other module asks "is this crypto?".
@@ -144,34 +144,75 @@ def last_day_of_month(month: date) -> date:
     return next_month(month) - timedelta(days=1)
 
 
-def contiguous_runs(months: Iterable[date]) -> list[list[date]]:
-    """[Jan, Feb, Apr] -> [[Jan, Feb], [Apr]]."""
-    runs: list[list[date]] = []
-    for month in sorted(set(months)):
-        if runs and next_month(runs[-1][-1]) == month:
-            runs[-1].append(month)
+def contiguous_runs(windows: Iterable[Window]) -> list[list[Window]]:
+    """Windows that follow each other day after day, as runs: [Jan, Feb, Apr] -> [[Jan, Feb],
+    [Apr]] (one request stream each)."""
+    runs: list[list[Window]] = []
+    for window in sorted(windows, key=lambda w: w.first_day):
+        if runs and runs[-1][-1].last_day + timedelta(days=1) == window.first_day:
+            runs[-1].append(window)
         else:
-            runs.append([month])
+            runs.append([window])
     return runs
 
 
 @dataclass(frozen=True)
 class Window:
-    """The bars of one symbol in one month of its market, as [start, end) in UTC."""
+    """The bars of one symbol over whole days of one month of its market: the month (what a
+    partition loads) or its latest days (what a nightly refresh loads). Loaded as a unit."""
 
+    market: Market
     timeframe: Timeframe
     symbol: str
-    month: date
-    start: datetime
-    end: datetime
+    first_day: date
+    last_day: date
+
+    def __post_init__(self) -> None:
+        if not (self.first_day <= self.last_day and _month(self.first_day) == self.month):
+            raise ValueError(
+                f"a window is whole days of one month: {self.first_day}..{self.last_day}"
+            )
 
     @classmethod
     def of_month(cls, market: Market, timeframe: Timeframe, symbol: str, month: date) -> Window:
-        def midnight(day: date) -> datetime:
-            return datetime.combine(day, time(0), market.zone).astimezone(UTC)
-
-        return cls(timeframe, symbol, month, midnight(month), midnight(next_month(month)))
+        return cls(market, timeframe, symbol, month, last_day_of_month(month))
 
     @property
-    def last_day(self) -> date:
-        return last_day_of_month(self.month)
+    def month(self) -> date:
+        return _month(self.last_day)
+
+    @property
+    def is_whole_month(self) -> bool:
+        return self.first_day.day == 1 and self.last_day == last_day_of_month(self.month)
+
+    @property
+    def start(self) -> datetime:
+        """[start, end) in UTC: from midnight of the first day to midnight after the last,
+        in the market's zone."""
+        return self._midnight(self.first_day)
+
+    @property
+    def end(self) -> datetime:
+        return self._midnight(self.last_day + timedelta(days=1))
+
+    @property
+    def month_start(self) -> datetime:
+        return self._midnight(self.month)
+
+    @property
+    def month_end(self) -> datetime:
+        return self._midnight(next_month(self.month))
+
+    @property
+    def label(self) -> str:
+        """`2024-03` for a whole month, `2024-03-18..2024-03-20` for some of its days."""
+        if self.is_whole_month:
+            return f"{self.month:%Y-%m}"
+        return f"{self.first_day}..{self.last_day}"
+
+    def _midnight(self, day: date) -> datetime:
+        return datetime.combine(day, time(0), self.market.zone).astimezone(UTC)
+
+
+def _month(day: date) -> date:
+    return day.replace(day=1)

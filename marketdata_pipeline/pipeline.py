@@ -13,10 +13,11 @@ that would empty or halve a month is refused and reported, the other months go o
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -24,9 +25,18 @@ from typing import TypeVar
 
 import polars as pl
 import psycopg
+from psycopg import sql
 
-from marketdata_pipeline.domain import Market, Timeframe, Window, contiguous_runs, empty_bars
+from marketdata_pipeline.domain import (
+    Market,
+    Timeframe,
+    Window,
+    contiguous_runs,
+    empty_bars,
+    last_day_of_month,
+)
 from marketdata_pipeline.polygon.client import PolygonClient, PolygonPlanLimit
+from marketdata_pipeline.quality.calendars import sessions
 from marketdata_pipeline.quality.validation import Validation, validate
 from marketdata_pipeline.warehouse.loading import LoadResult, ShrinkRefused, replace_window
 
@@ -65,17 +75,27 @@ def ingest(
     run_id: str | None = None,
     accept_shrink: bool = False,
 ) -> Generator[WindowOutcome, None, None]:
-    """Fetch, validate and load each month of `months`; yields each as it is loaded.
+    """Fetch, validate and load each month of `months`; yields each as it is loaded."""
+    windows = [Window.of_month(market, timeframe, symbol, month) for month in months]
+    return ingest_windows(client, conn, windows, run_id=run_id, accept_shrink=accept_shrink)
+
+
+def ingest_windows(
+    client: PolygonClient,
+    conn: psycopg.Connection,
+    windows: Sequence[Window],
+    *,
+    run_id: str | None = None,
+    accept_shrink: bool = False,
+) -> Generator[WindowOutcome, None, None]:
+    """Fetch, validate and load each of one symbol's `windows`; yields each as it is loaded.
     Closing the generator early stops the read-ahead worker; nothing more is loaded.
 
     Fetching and validating run one window ahead in a worker thread, so the next month is
     being fetched while the database writes this one (measured by `scripts/bench.py`).
     """
-    fetched = fetch_windows(
-        client, market=market, timeframe=timeframe, symbol=symbol, months=months
-    )
-    with read_ahead(fetched, depth=READ_AHEAD_WINDOWS) as windows:
-        for part in windows:
+    with read_ahead(fetch_windows(client, windows), depth=READ_AHEAD_WINDOWS) as fetched:
+        for part in fetched:
             outcome = WindowOutcome(**vars(part))
             if part.validation is not None:
                 outcome.load, outcome.refused = _load(conn, part, run_id, accept_shrink)
@@ -99,7 +119,7 @@ def _load(
         "%s %s %s: loaded %d bars, rejected %d, flagged %d (replaced %d)",
         window.symbol,
         window.timeframe,
-        f"{window.month:%Y-%m}",
+        window.label,
         load.rows_loaded,
         load.rows_rejected,
         validation.flagged.height,
@@ -108,30 +128,121 @@ def _load(
     return load, None
 
 
-def fetch_windows(
-    client: PolygonClient,
-    *,
-    market: Market,
-    timeframe: Timeframe,
-    symbol: str,
-    months: Sequence[date],
-) -> Iterator[FetchedWindow]:
-    """Each month of `months`, fetched and validated; one request stream per run of
-    contiguous months. Months the plan does not cover come first, as unavailable."""
-    ticker = market.provider_ticker(symbol)
-    for run in contiguous_runs(months):
-        windows = [Window.of_month(market, timeframe, symbol, m) for m in run]
+def fetch_windows(client: PolygonClient, windows: Sequence[Window]) -> Iterator[FetchedWindow]:
+    """Each of one symbol's `windows`, fetched and validated; one request stream per run of
+    windows that follow each other. Months the plan does not cover come first, as
+    unavailable."""
+    for run in contiguous_runs(windows):
+        ticker = run[0].market.provider_ticker(run[0].symbol)
         try:
-            first = next(stream := _stream(client, ticker, market, windows))
+            first = next(stream := _stream(client, ticker, run))
         except PolygonPlanLimit as refusal:
-            yield from _within_plan(client, ticker, market, windows, str(refusal))
+            yield from _within_plan(client, ticker, run, str(refusal))
             continue
         yield first
         yield from stream
 
 
+def new_days(
+    conn: psycopg.Connection,
+    market: Market,
+    timeframe: Timeframe,
+    months_by_symbol: Mapping[str, Sequence[date]],
+    through: date,
+) -> dict[str, list[Window]]:
+    """The windows a nightly refresh loads: each symbol's days of its `months` from the day
+    of its latest stored bar through `through`, split at month ends; whole months for a
+    symbol with no bar in them. The latest stored day is fetched again: it may have been
+    loaded before its session ended. A symbol with no such days has no windows."""
+    first_month = min(month for months in months_by_symbol.values() for month in months)
+    latest: dict[str, datetime] = dict(
+        conn.execute(
+            sql.SQL(
+                "SELECT symbol, max(ts) FROM {} WHERE symbol = ANY(%s) AND ts >= %s GROUP BY symbol"
+            ).format(sql.Identifier(timeframe.table)),
+            (list(months_by_symbol), Window.of_month(market, timeframe, "", first_month).start),
+        ).fetchall()
+    )
+    plan = {}
+    for symbol, months in months_by_symbol.items():
+        since = latest[symbol].astimezone(market.zone).date() if symbol in latest else None
+        windows = [
+            Window(market, timeframe, symbol, first, last)
+            for month in sorted(months)
+            if (first := max(month, since or month))
+            <= (last := min(last_day_of_month(month), through))
+        ]
+        if windows:
+            plan[symbol] = windows
+    return plan
+
+
+def grouped_saves_requests(windows: Sequence[Window]) -> bool:
+    """Whether the grouped daily endpoint (one request per session, all symbols) takes fewer
+    requests than one stream per symbol's run of windows."""
+    if not windows or windows[0].timeframe is not Timeframe.DAILY:
+        return False
+    streams = sum(len(contiguous_runs(group)) for group in _by_symbol(windows).values())
+    return len(_grouped_days(windows)) < streams
+
+
+def _grouped_days(windows: Sequence[Window]) -> list[date]:
+    market = windows[0].market
+    return sorted({d for w in windows for d in sessions(market, w.first_day, w.last_day)})
+
+
+def ingest_grouped(
+    client: PolygonClient,
+    conn: psycopg.Connection,
+    windows: Sequence[Window],
+    *,
+    run_id: str | None = None,
+    accept_shrink: bool = False,
+) -> Generator[WindowOutcome, None, None]:
+    """Daily windows of many symbols of one market from the grouped daily endpoint: one
+    request per session of their days, then each window validated and loaded exactly as if it
+    had been fetched on its own."""
+    market = windows[0].market
+    symbol_of = {market.provider_ticker(w.symbol): w.symbol for w in windows}
+    received: dict[str, list[pl.DataFrame]] = collections.defaultdict(list)
+    request_ids: dict[date, str] = {}
+    fetched_at = datetime.now(UTC)
+    for day in _grouped_days(windows):
+        page = client.grouped_daily(market, day, symbol_of)
+        request_ids[day], fetched_at = page.request_id, page.received_at or fetched_at
+        for (ticker,), bars in page.frame.partition_by("ticker", as_dict=True).items():
+            received[symbol_of[str(ticker)]].append(bars.drop("ticker"))
+    for symbol, symbol_windows in _by_symbol(windows).items():
+        bars = pl.concat(received[symbol], how="diagonal") if received[symbol] else empty_bars()
+        # Like a stream's pages: a bar goes to the window its day is in; one before the first
+        # or after the last goes there, to be rejected as outside it.
+        ends = pl.Series([w.end for w in symbol_windows[:-1]], dtype=pl.Datetime("ms", "UTC"))
+        routed = bars.with_columns(
+            _window=ends.search_sorted(bars["ts"], side="right").fill_null(0)
+        )
+        for index, window in enumerate(symbol_windows):
+            days = [d for d in request_ids if window.first_day <= d <= window.last_day]
+            raw = routed.filter(pl.col("_window") == index).drop("_window")
+            part = FetchedWindow(
+                window,
+                validate(raw, window, fetched_at),
+                [request_ids[d] for d in days],
+                pages=len(days),
+            )
+            outcome = WindowOutcome(**vars(part))
+            outcome.load, outcome.refused = _load(conn, part, run_id, accept_shrink)
+            yield outcome
+
+
+def _by_symbol(windows: Sequence[Window]) -> dict[str, list[Window]]:
+    by_symbol: dict[str, list[Window]] = collections.defaultdict(list)
+    for window in sorted(windows, key=lambda w: (w.symbol, w.first_day)):
+        by_symbol[window.symbol].append(window)
+    return by_symbol
+
+
 def _within_plan(
-    client: PolygonClient, ticker: str, market: Market, windows: list[Window], refusal: str
+    client: PolygonClient, ticker: str, windows: list[Window], refusal: str
 ) -> Iterator[FetchedWindow]:
     """The months the plan covers, fetched; the older ones, which it does not, unavailable.
 
@@ -143,7 +254,7 @@ def _within_plan(
     low, high = 0, len(windows)
     while low < high:
         probe = (low + high) // 2
-        day = windows[probe].month
+        day = windows[probe].first_day
         try:
             next(client.aggregate_pages(ticker, 1, timespan, day, day), None)
             high = probe
@@ -152,15 +263,15 @@ def _within_plan(
     for window in windows[:low]:
         yield FetchedWindow(window, None, unavailable=refusal)
     if low < len(windows):
-        yield from _stream(client, ticker, market, windows[low:])
+        yield from _stream(client, ticker, windows[low:])
 
 
-def _stream(
-    client: PolygonClient, ticker: str, market: Market, windows: list[Window]
-) -> Iterator[FetchedWindow]:
+def _stream(client: PolygonClient, ticker: str, windows: list[Window]) -> Iterator[FetchedWindow]:
     """The windows of one request stream, validated, each as soon as the stream passed it."""
     first, last = windows[0], windows[-1]
-    pages = client.aggregate_pages(ticker, 1, first.timeframe.timespan, first.month, last.last_day)
+    pages = client.aggregate_pages(
+        ticker, 1, first.timeframe.timespan, first.first_day, last.last_day
+    )
     parts = [_Gathered() for _ in windows]
     ends = pl.Series([w.end for w in windows[:-1]], dtype=pl.Datetime("ms", "UTC"))
     done, late, fetched_at = 0, set(), datetime.now(UTC)
@@ -183,17 +294,17 @@ def _stream(
             # bar; a bar of such a month that still comes later is late (see below).
             latest = frame["ts"].max()
             while done < len(windows) - 1 and latest is not None and latest >= ends[done]:
-                yield parts[done].validated(windows[done], market, fetched_at, page.request_id)
+                yield parts[done].validated(windows[done], fetched_at, page.request_id)
                 done += 1
     for index in range(done, len(windows)):
-        yield parts[index].validated(windows[index], market, fetched_at, last_request_id)
+        yield parts[index].validated(windows[index], fetched_at, last_request_id)
     for index in sorted(late):
         log.warning(
-            "%s %s: bars arrived after the month was loaded; fetching it again",
+            "%s %s: bars arrived after the window was loaded; fetching it again",
             ticker,
-            f"{windows[index].month:%Y-%m}",
+            windows[index].label,
         )
-        yield from _stream(client, ticker, market, [windows[index]])
+        yield from _stream(client, ticker, [windows[index]])
 
 
 @dataclass
@@ -209,12 +320,12 @@ class _Gathered:
             self.request_ids.append(request_id)
 
     def validated(
-        self, window: Window, market: Market, fetched_at: datetime, last_request_id: str | None
+        self, window: Window, fetched_at: datetime, last_request_id: str | None
     ) -> FetchedWindow:
         """The window validated; a window no page held a bar of names the stream's latest
         page, the answer to quote to the provider."""
         raw = pl.concat(self.frames, how="diagonal") if self.frames else empty_bars()
-        validation = validate(raw, window, market, fetched_at)
+        validation = validate(raw, window, fetched_at)
         request_ids = self.request_ids or ([last_request_id] if last_request_id else [])
         return FetchedWindow(window, validation, request_ids, len(self.request_ids))
 

@@ -56,6 +56,13 @@ def migrated_url(database_url: str) -> str:
 
 
 @pytest.fixture
+def warehouse_url(migrated_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A migrated database that Dagster's WarehouseResource uses (through DATABASE_URL)."""
+    monkeypatch.setenv("DATABASE_URL", migrated_url)
+    return migrated_url
+
+
+@pytest.fixture
 def migrated_conn(migrated_url: str) -> Iterator[psycopg.Connection]:
     """A session on a new database with every migration applied."""
     with connection(migrated_url) as conn:

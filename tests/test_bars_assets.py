@@ -21,21 +21,12 @@ from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResourc
 from marketdata_pipeline.domain import BAR_SCHEMA, Market, Timeframe, Window, next_month
 from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
 from marketdata_pipeline.warehouse import connection as db
-from marketdata_pipeline.warehouse import migrations
 from marketdata_pipeline.warehouse.bootstrap import bootstrap
 from marketdata_pipeline.warehouse.loading import WINDOW_LOCK_CLASS, replace_window
 from tests.conftest import PROJECT_DIR, bars_frame, read_bars
 
 ASSETS = {a.key.path[-1]: a for a in bars_assets}
 SPLIT_DAY = date(2023, 6, 15)
-
-
-@pytest.fixture
-def warehouse_url(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    with db.connection(database_url) as conn:
-        migrations.migrate(conn)
-    return database_url
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import httpx
 import polars as pl
 import pytest
 
-from marketdata_pipeline.domain import BAR_SCHEMA, AssetClass
+from marketdata_pipeline.domain import BAR_SCHEMA, AssetClass, Market
 from marketdata_pipeline.polygon.client import (
     PolygonAuthError,
     PolygonClient,
@@ -336,3 +337,71 @@ def test_the_key_never_leaks(sim: Simulator, server, caplog: pytest.LogCaptureFi
     assert KEY not in everything
     assert "pk_live_WRONG_KEY_0001" not in everything
     assert "apiKey" not in "\n".join(sim.requests)
+
+
+# -- grouped daily ----------------------------------------------------------------------
+
+
+def replying(body: bytes) -> httpx.MockTransport:
+    """A provider that answers every request with `body` (a recorded or crafted response)."""
+    return httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+
+
+def test_recorded_grouped_bar_is_moved_from_the_close_to_its_day_start() -> None:
+    content = (FIXTURES / "grouped_stocks_2005-04-04.json").read_bytes()
+    client = PolygonClient(KEY, "http://recorded", transport=replying(content))
+    page = client.grouped_daily(Market.STOCK, date(2020, 10, 14), {"GIK", "AAPL"})
+    assert page.request_id == "eae3ded2d6d43f978125b7a8a609fad9"
+    (bar,) = page.frame.to_dicts()
+    # t = 1602705600000 is 16:00 New York, the session's close; range bars start at 00:00.
+    assert bar.pop("ts") == datetime(2020, 10, 14, 4, 0, tzinfo=UTC)
+    assert bar == {
+        "ticker": "GIK",
+        "open": 9.99,
+        "high": 10.02,
+        "low": 9.9,
+        "close": 10.02,
+        "volume": 895345.0,
+        "vwap": 9.9979,
+        "trades": 96,
+        "defects": [],
+    }
+    assert client.grouped_daily(Market.STOCK, date(2020, 10, 14), {"AAPL"}).frame.height == 0
+
+
+def test_grouped_bars_from_the_simulator_equal_its_range_bars(sim: Simulator, server) -> None:
+    day = date(2024, 3, 12)
+    with socket_client(server) as client:
+        page = client.grouped_daily(Market.STOCK, day, {"AAPL", "MSFT"})
+        assert sorted(page.frame["ticker"]) == ["AAPL", "MSFT"]
+        for ticker in ("AAPL", "MSFT"):
+            grouped = page.frame.filter(pl.col("ticker") == ticker).drop("ticker", "defects")
+            assert grouped.equals(expected_frame(sim, ticker, "day", day, day))
+        crypto = client.grouped_daily(Market.CRYPTO, day, {"X:BTCUSD"})
+        assert crypto.frame.drop("ticker", "defects").equals(
+            expected_frame(sim, "X:BTCUSD", "day", day, day)
+        )
+
+
+def test_grouped_values_of_the_wrong_type_are_named_and_odd_tickers_ignored() -> None:
+    bar = {"o": 1.0, "h": 2.0, "l": 0.5, "c": 1.5, "v": 10, "t": 1710273600000}
+    body = {
+        "status": "OK",
+        "adjusted": True,
+        "request_id": "r1",
+        "results": [
+            {"T": "AAPL", **bar, "o": "1.0"},
+            {"T": 5, **bar},
+            {"T": ["MSFT"], **bar},
+            {"T": "MSFT", **bar},
+        ],
+    }
+    client = PolygonClient(KEY, "http://crafted", transport=replying(json.dumps(body).encode()))
+    frame = client.grouped_daily(Market.STOCK, date(2024, 3, 12), {"AAPL", "MSFT"}).frame
+    assert frame["ticker"].to_list() == ["AAPL", "MSFT"]
+    assert frame["defects"].to_list() == [['open is a string ("1.0"), not a number'], []]
+    assert frame["open"].to_list() == [None, 1.0]
+    wrong = {**body, "adjusted": False}
+    client = PolygonClient(KEY, "http://crafted", transport=replying(json.dumps(wrong).encode()))
+    with pytest.raises(PolygonResponseError, match="adjusted=False for the grouped daily bars"):
+        client.grouped_daily(Market.STOCK, date(2024, 3, 12), {"AAPL"})

@@ -8,7 +8,17 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 
-from marketdata_pipeline.defs.schedules import crypto_bars_daily, stock_bars_after_close
+from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, bars_assets
+from marketdata_pipeline.defs.checks import FRESHNESS_CHECKS
+from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.defs.schedules import (
+    FRESHNESS_JOBS,
+    REFRESH_JOBS,
+    crypto_bars_daily,
+    stock_bars_after_close,
+    stock_bars_freshness,
+    stock_bars_weekly,
+)
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.quality.calendars import refresh_months
 
@@ -55,27 +65,78 @@ def test_crypto_refresh_months(now: datetime, months: list[date]) -> None:
     assert refresh_months(Market.CRYPTO, now) == months
 
 
-def test_schedules_request_every_registered_symbol() -> None:
+def test_a_night_is_one_run_per_asset_over_every_symbol() -> None:
     with dg.instance_for_test() as instance:
         context = dg.build_schedule_context(
             instance=instance, scheduled_execution_time=datetime(2024, 3, 1, 20, 30, tzinfo=NY)
         )
         assert isinstance(stock_bars_after_close(context), dg.SkipReason)
-        instance.add_dynamic_partitions("stock_symbols", ["MSFT", "AAPL"])
+        instance.add_dynamic_partitions("stock_symbols", ["MSFT", "AAPL", "SPY"])
         requests = stock_bars_after_close(context)
         assert isinstance(requests, list)
-        assert [r.partition_key for r in requests] == [
-            "2024-02-01|AAPL", "2024-02-01|MSFT", "2024-03-01|AAPL", "2024-03-01|MSFT"
-        ]  # fmt: skip
-        assert len({r.run_key for r in requests}) == 4
+        by_asset = {r.asset_selection[0].to_user_string(): r for r in requests}  # type: ignore[index]
+        assert sorted(by_asset) == ["stock_daily_bars", "stock_minute_bars"]
+        for name, request in by_asset.items():
+            spec = next(s for s in ALL_BARS_ASSETS if s.name == name)
+            keys = spec.partitions.get_partition_keys_in_range(
+                request.partition_key_range,  # type: ignore[arg-type]
+                dynamic_partitions_store=instance,
+            )
+            assert sorted(keys) == [
+                f"{month}|{symbol}"
+                for month in ("2024-02-01", "2024-03-01")
+                for symbol in ("AAPL", "MSFT", "SPY")
+            ]
+            assert request.run_config["ops"][name]["config"]["new_days_only"] is True
+            # The run evaluates the asset's own checks, never the warehouse-wide freshness.
+            assert set(request.asset_check_keys or ()) == set(spec.own_check_keys())
+        assert len({r.run_key for r in requests}) == 2
 
-        instance.add_dynamic_partitions("crypto_symbols", ["BTC"])
+        instance.add_dynamic_partitions("crypto_symbols", ["BTC", "ETH"])
         crypto = dg.build_schedule_context(
             instance=instance, scheduled_execution_time=datetime(2024, 7, 10, 0, 30, tzinfo=UTC)
         )
         crypto_requests = crypto_bars_daily(crypto)
-        assert isinstance(crypto_requests, list)
-        assert [r.partition_key for r in crypto_requests] == ["2024-07-01|BTC"]
+        assert isinstance(crypto_requests, list) and len(crypto_requests) == 2
+        assert {r.tags["dagster/asset_partition_range_start"] for r in crypto_requests} == {
+            "2024-07-01|BTC"
+        }
+
+
+def test_the_weekly_pass_reloads_the_weeks_months_whole() -> None:
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("stock_symbols", ["AAPL"])
+        # Saturday Mar 2 2024: the week's sessions are Feb 26..Mar 1.
+        context = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime(2024, 3, 2, 8, 0, tzinfo=NY)
+        )
+        requests = stock_bars_weekly(context)
+        assert isinstance(requests, list) and len(requests) == 2
+        for request in requests:
+            assert request.tags["dagster/asset_partition_range_start"] == "2024-02-01|AAPL"
+            assert request.tags["dagster/asset_partition_range_end"] == "2024-03-01|AAPL"
+            name = request.asset_selection[0].to_user_string()  # type: ignore[index]
+            assert request.run_config["ops"][name]["config"]["new_days_only"] is False
+
+
+def test_freshness_runs_on_its_own_schedule_and_never_in_a_bars_run() -> None:
+    freshness = {key for check in FRESHNESS_CHECKS.values() for key in check.check_keys}
+    with dg.instance_for_test():  # resolving reads the current instance
+        graph = dg.Definitions(
+            assets=bars_assets,
+            asset_checks=list(FRESHNESS_CHECKS.values()),
+            jobs=[*REFRESH_JOBS.values(), *FRESHNESS_JOBS.values()],
+            resources={"warehouse": WarehouseResource(), "polygon": PolygonResource()},
+        ).resolve_asset_graph()
+    for market in Market:
+        refresh = REFRESH_JOBS[market].selection.resolve_checks(graph)  # type: ignore[union-attr]
+        checks = FRESHNESS_JOBS[market].selection.resolve_checks(graph)  # type: ignore[union-attr]
+        assert not refresh & freshness
+        assert checks and checks <= freshness
+        assert {key.asset_key.to_user_string().split("_")[0] for key in checks} == {market}
+    assert stock_bars_freshness.cron_schedule == "30 21 * * 1-5"
+    for spec in ALL_BARS_ASSETS:
+        assert isinstance(spec.freshness_policy, dg.FreshnessPolicy)
 
 
 def test_schedule_timing() -> None:

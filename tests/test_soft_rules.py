@@ -25,7 +25,7 @@ def month_of_minutes(sim: Simulator, symbol: str, market: Market, month: date):
     with PolygonClient(None, "http://simulator", transport=sim.transport()) as client:
         ticker = market.provider_ticker(symbol)
         frame = client.aggregates(ticker, 1, "minute", month, window.last_day)
-    return frame, validate(frame, window, market)
+    return frame, validate(frame, window)
 
 
 def test_normal_months_raise_fewer_than_one_flag_per_ten_thousand_bars() -> None:

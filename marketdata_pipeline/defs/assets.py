@@ -1,10 +1,11 @@
 """The bars assets, from one factory: stock/crypto x daily/minute, partitioned month x symbol."""
 
 import collections
+import functools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
 
 import dagster as dg
@@ -13,9 +14,16 @@ from pydantic import Field
 
 from marketdata_pipeline.defs.partitions import bars_partitions, month_and_symbol, partition_key
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
-from marketdata_pipeline.domain import Market, Timeframe
-from marketdata_pipeline.pipeline import WindowOutcome, ingest
-from marketdata_pipeline.polygon.client import PolygonError
+from marketdata_pipeline.domain import Market, Timeframe, Window
+from marketdata_pipeline.pipeline import (
+    WindowOutcome,
+    grouped_saves_requests,
+    ingest_grouped,
+    ingest_windows,
+    new_days,
+)
+from marketdata_pipeline.polygon.client import PolygonAuthError, PolygonError, PolygonUnavailable
+from marketdata_pipeline.quality.calendars import last_complete_session
 from marketdata_pipeline.quality.coverage import (
     MAX_REJECTION_RATE,
     Coverage,
@@ -28,9 +36,12 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_p
 
 OWNERS = ["team:market-data"]
 # Observation metadata the status sensor reads: the provider's words on a month its plan does
-# not cover, and why a month's load was refused.
+# not cover, why a month's load was refused or its symbol failed, and that a nightly refresh
+# found nothing new in a month.
 UNAVAILABLE = "unavailable"
 REFUSED = "refused"
+FAILED = "failed"
+UP_TO_DATE = "up_to_date"
 GROUP = "market_data"
 PREVIEW_ROWS = 5
 # A run takes at most ten years of months of one symbol (or one month of many symbols):
@@ -88,6 +99,14 @@ COLUMN_SCHEMA = dg.TableSchema(
 )
 
 
+# When each market's bars must be current: an hour after its nightly refresh starts. The
+# freshness policies and the freshness checks' schedules both keep this time.
+FRESHNESS_DEADLINES = {
+    Market.STOCK: ("30 21 * * 1-5", "America/New_York"),
+    Market.CRYPTO: ("30 1 * * *", "UTC"),
+}
+NIGHTLY_RUN_HOURS = timedelta(hours=1)
+
 _MARKET_DESCRIPTIONS = {
     Market.STOCK: "US stocks and ETFs (NYSE sessions; minute bars include extended hours)",
     Market.CRYPTO: "crypto pairs against USD, trading 24/7 (days in UTC)",
@@ -128,6 +147,23 @@ class BarsAsset:
             "timestamps, vwap outside [low, high]) are quarantined in `bars_rejected` with "
             "their reasons; soft rules (zero volume, price jumps, volume spikes) only flag."
         )
+
+    @property
+    def freshness_policy(self) -> dg.FreshnessPolicy:
+        """Stale (in the UI's health view) when the night's refresh has not materialized the
+        asset by its deadline."""
+        cron, zone = FRESHNESS_DEADLINES[self.market]
+        return dg.FreshnessPolicy.cron(
+            deadline_cron=cron, lower_bound_delta=NIGHTLY_RUN_HOURS, timezone=zone
+        )
+
+    @property
+    def key(self) -> dg.AssetKey:
+        return dg.AssetKey(self.name)
+
+    def own_check_keys(self) -> list[dg.AssetCheckKey]:
+        """The checks a run of this asset evaluates (not the warehouse-wide freshness)."""
+        return [spec.key for spec in self.check_specs()]
 
     def check_specs(self) -> list[dg.AssetCheckSpec]:
         days_description = (
@@ -179,6 +215,13 @@ class BarsRunConfig(dg.Config):
         "of its bars. Off, such a month keeps its bars and its partition fails: a provider "
         "glitch looks like that (a delisting or a large correction can too).",
     )
+    new_days_only: bool = Field(
+        default=False,
+        description="Load only each symbol's days from its latest stored bar through the last "
+        "complete session, not whole months: the nightly refresh. Daily bars then come from "
+        "the grouped daily endpoint (one request per session for all symbols) when that takes "
+        "fewer requests than one per symbol.",
+    )
 
 
 def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
@@ -188,6 +231,7 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
         partitions_def=spec.partitions,
         backfill_policy=dg.BackfillPolicy.multi_run(MAX_PARTITIONS_PER_RUN),
         pool="polygon",
+        freshness_policy=spec.freshness_policy,
         kinds={"polygon", "polars", "postgres"},
         group_name=GROUP,
         owners=OWNERS,
@@ -204,86 +248,183 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
         polygon: PolygonResource,
         warehouse: WarehouseResource,
     ) -> Iterator[dg.AssetMaterialization | dg.AssetObservation | dg.AssetCheckResult]:
-        # By partition: a month fetched again (its bars came late) counts as its last outcome.
-        summaries: dict[str, _Summary] = {}
-        refused: dict[str, str] = {}
-        yield from _materialize(context, spec, config, polygon, warehouse, summaries, refused)
-        yield from _check_results(spec, list(summaries.values()))
-        if refused:
-            first, *others = refused.values()
-            raise dg.Failure(
-                description=f"{spec.name}: {len(refused)} month(s) refused, they keep their "
-                f"bars: {first}" + (f" (and {len(others)} more)" if others else ""),
-                metadata={"refused": "\n".join(refused.values())},
-            )
+        run = _Run(context, spec, config, polygon)
+        yield from run.materialize(warehouse)
+        yield from _check_results(spec, list(run.summaries.values()))
+        run.raise_failures()
 
     return bars_asset
 
 
-def _materialize(
-    context: dg.AssetExecutionContext,
-    spec: BarsAsset,
-    config: BarsRunConfig,
-    polygon: PolygonResource,
-    warehouse: WarehouseResource,
-    summaries: dict[str, _Summary],
-    refused: dict[str, str],
-) -> Iterator[dg.AssetMaterialization | dg.AssetObservation]:
-    """Run the pipeline over the run's months of each symbol: a materialization for each
-    month loaded; an observation for each month the provider's plan does not cover, and for
-    each month whose load was refused (the status sensor reads both)."""
-    source = polygon.source_label()
-    if polygon.simulated:
-        context.log.warning(f"SIMULATED DATA: bars come from {source}, not from Polygon")
-    plan = months_by_symbol(spec, context.partition_keys)
-    with polygon.client(warehouse.url()) as client, warehouse.connection() as conn:
-        for symbol, months in plan.items():
-            context.log.info(f"{symbol}: {len(months)} month(s) {months[0]:%Y-%m}..")
-            try:
-                for outcome in ingest(
-                    client,
-                    conn,
-                    market=spec.market,
-                    timeframe=spec.timeframe,
-                    symbol=symbol,
-                    months=months,
-                    run_id=context.run.run_id,
-                    accept_shrink=config.accept_shrink,
-                ):
-                    key = partition_key(outcome.window.month, symbol)
-                    refused.pop(key, None)
-                    summaries.pop(key, None)
-                    if outcome.unavailable:
-                        yield dg.AssetObservation(
-                            asset_key=context.asset_key,
-                            partition=key,
-                            description=f"not covered by the provider's plan ({source})",
-                            metadata={UNAVAILABLE: outcome.unavailable, "source": source},
-                        )
-                    elif outcome.refused:
-                        context.log.error(outcome.refused)
-                        refused[key] = outcome.refused
-                        yield dg.AssetObservation(
-                            asset_key=context.asset_key,
-                            partition=key,
-                            description="load refused: the month keeps its bars",
-                            metadata={REFUSED: outcome.refused, "source": source},
-                        )
-                    else:
-                        summary = _summarize(spec, outcome)
-                        summaries[key] = summary
-                        yield dg.AssetMaterialization(
-                            asset_key=context.asset_key,
-                            partition=key,
-                            description=source,
-                            metadata=_metadata(outcome, summary, source, polygon.base_url),
-                        )
-            except PolygonError as error:
-                # Months already loaded stay loaded; the failing month keeps its old bars.
-                raise dg.Failure(
-                    description=f"{spec.name} {symbol}: {error}",
-                    metadata={"symbol": symbol, "loaded_months": len(summaries)},
-                ) from None
+class _Run:
+    """One run of a bars asset over its partitions: each symbol's windows fetched, validated
+    and loaded, a symbol's failure isolated from the others, and what happened to each
+    partition told to Dagster (materialization or observation) as it happens."""
+
+    def __init__(
+        self,
+        context: dg.AssetExecutionContext,
+        spec: BarsAsset,
+        config: BarsRunConfig,
+        polygon: PolygonResource,
+    ) -> None:
+        self.context, self.spec, self.config, self.polygon = context, spec, config, polygon
+        self.source = polygon.source_label()
+        # By partition: a month fetched again (its bars came late) counts as its last outcome.
+        self.summaries: dict[str, _Summary] = {}
+        self.refused: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # symbol -> error
+        self.provider_down: str | None = None
+
+    def materialize(
+        self, warehouse: WarehouseResource
+    ) -> Iterator[dg.AssetMaterialization | dg.AssetObservation]:
+        spec, context = self.spec, self.context
+        if self.polygon.simulated:
+            context.log.warning(f"SIMULATED DATA: bars come from {self.source}, not from Polygon")
+        months = months_by_symbol(spec, context.partition_keys)
+        with self.polygon.client(warehouse.url()) as client, warehouse.connection() as conn:
+            if self.config.new_days_only:
+                through = last_complete_session(spec.market, datetime.now(UTC))
+                plan = new_days(conn, spec.market, spec.timeframe, months, through)
+                yield from self._up_to_date(months, plan, through)
+            else:
+                plan = {
+                    symbol: [Window.of_month(spec.market, spec.timeframe, symbol, m) for m in ms]
+                    for symbol, ms in months.items()
+                }
+            windows = [w for symbol_windows in plan.values() for w in symbol_windows]
+            load = functools.partial(
+                ingest_windows, run_id=context.run.run_id, accept_shrink=self.config.accept_shrink
+            )
+            load_grouped = functools.partial(
+                ingest_grouped, run_id=context.run.run_id, accept_shrink=self.config.accept_shrink
+            )
+            if self.config.new_days_only and grouped_saves_requests(windows):
+                context.log.info(f"{len(plan)} symbol(s) from the grouped daily endpoint")
+                batches = [(list(plan), load_grouped(client, conn, windows))]
+            else:
+                batches = [
+                    ([symbol], load(client, conn, symbol_windows))
+                    for symbol, symbol_windows in plan.items()
+                ]
+            for symbols, outcomes in batches:
+                yield from self._ingest(symbols, plan, outcomes)
+
+    def _ingest(
+        self,
+        symbols: list[str],
+        plan: dict[str, list[Window]],
+        outcomes: Generator[WindowOutcome, None, None],
+    ) -> Iterator[dg.AssetMaterialization | dg.AssetObservation]:
+        """One batch's outcomes told; a failure fails the batch's symbols, not the run."""
+        if self.provider_down:
+            outcomes.close()
+            yield from self._fail(symbols, plan, f"not attempted: {self.provider_down}")
+            return
+        windows = [w for symbol in symbols for w in plan[symbol]]
+        self.context.log.info(
+            f"{', '.join(symbols[:10])}{', ...' if len(symbols) > 10 else ''}: "
+            f"{len(windows)} window(s) from {windows[0].label}"
+        )
+        try:
+            for outcome in outcomes:
+                yield self._told(outcome)
+        except (PolygonAuthError, PolygonUnavailable) as error:
+            # The provider as a whole refuses or is down: the other symbols would wait and
+            # fail the same way, so they are not attempted.
+            self.provider_down = str(error)
+            yield from self._fail(symbols, plan, str(error))
+        except PolygonError as error:
+            yield from self._fail(symbols, plan, str(error))
+
+    def _told(self, outcome: WindowOutcome) -> dg.AssetMaterialization | dg.AssetObservation:
+        """What Dagster is told of one window's outcome."""
+        key = partition_key(outcome.window.month, outcome.window.symbol)
+        self.refused.pop(key, None)
+        self.summaries.pop(key, None)
+        if outcome.unavailable:
+            return self._observation(
+                key,
+                f"not covered by the provider's plan ({self.source})",
+                UNAVAILABLE,
+                outcome.unavailable,
+            )
+        if outcome.refused:
+            self.context.log.error(outcome.refused)
+            self.refused[key] = outcome.refused
+            return self._observation(
+                key, "load refused: the month keeps its bars", REFUSED, outcome.refused
+            )
+        summary = _summarize(self.spec, outcome)
+        self.summaries[key] = summary
+        return dg.AssetMaterialization(
+            asset_key=self.context.asset_key,
+            partition=key,
+            description=self.source,
+            metadata=_metadata(outcome, summary, self.source, self.polygon.base_url),
+        )
+
+    def _fail(
+        self, symbols: list[str], plan: dict[str, list[Window]], error: str
+    ) -> Iterator[dg.AssetObservation]:
+        """The symbols' windows not loaded by this run keep their bars and read failed."""
+        for symbol in symbols:
+            self.failed[symbol] = error
+            self.context.log.error(f"{self.spec.name} {symbol}: {error}")
+            for window in plan[symbol]:
+                key = partition_key(window.month, symbol)
+                if key not in self.summaries:
+                    yield self._observation(key, "failed: the month keeps its bars", FAILED, error)
+
+    def _up_to_date(
+        self, months: dict[str, list[date]], plan: dict[str, list[Window]], through: date
+    ) -> Iterator[dg.AssetObservation]:
+        for symbol, symbol_months in months.items():
+            planned = {w.month for w in plan.get(symbol, ())}
+            for month in symbol_months:
+                if month not in planned:
+                    yield self._observation(
+                        partition_key(month, symbol),
+                        "up to date: nothing new to load",
+                        UP_TO_DATE,
+                        f"no day of this month after the latest stored bar through {through}",
+                    )
+
+    def _observation(
+        self, key: dg.MultiPartitionKey, description: str, name: str, words: str
+    ) -> dg.AssetObservation:
+        return dg.AssetObservation(
+            asset_key=self.context.asset_key,
+            partition=key,
+            description=description,
+            metadata={name: words, "source": self.source},
+        )
+
+    def raise_failures(self) -> None:
+        """Fail the run, after every symbol had its turn, naming what failed."""
+        parts = []
+        if self.failed:
+            first, error = next(iter(self.failed.items()))
+            parts.append(
+                f"{len(self.failed)} symbol(s) failed ({', '.join(list(self.failed)[:20])}"
+                f"{', ...' if len(self.failed) > 20 else ''}); {first}: {error}"
+            )
+        if self.refused:
+            first_refusal = next(iter(self.refused.values()))
+            parts.append(
+                f"{len(self.refused)} month(s) refused, they keep their bars: {first_refusal}"
+            )
+        if parts:
+            raise dg.Failure(
+                description=f"{self.spec.name}: " + "; ".join(parts),
+                metadata={
+                    "failed_symbols": "\n".join(f"{s}: {e}" for s, e in self.failed.items())
+                    or "none",
+                    "refused": "\n".join(self.refused.values()) or "none",
+                    "loaded_windows": len(self.summaries),
+                },
+            )
 
 
 def _summarize(spec: BarsAsset, outcome: WindowOutcome) -> _Summary:
@@ -301,7 +442,9 @@ def _summarize(spec: BarsAsset, outcome: WindowOutcome) -> _Summary:
         loaded=outcome.load.rows_loaded,
         rejected=outcome.load.rows_rejected,
         reasons=dict(reasons.iter_rows()),
-        coverage=coverage(spec.market, spec.timeframe, window.month, window.last_day, valid["ts"]),
+        coverage=coverage(
+            spec.market, spec.timeframe, window.first_day, window.last_day, valid["ts"]
+        ),
     )
 
 
@@ -311,6 +454,7 @@ def _metadata(
     assert outcome.validation is not None and outcome.load is not None
     valid = outcome.validation.valid
     metadata: dict[str, dg.MetadataValue | str | int | float] = {
+        "window": outcome.window.label,
         "dagster/row_count": summary.loaded,
         "rows_loaded": summary.loaded,
         "rows_rejected": summary.rejected,

@@ -59,4 +59,6 @@ def build_freshness_check(spec: BarsAsset) -> dg.AssetChecksDefinition:
     return freshness
 
 
-freshness_checks = [build_freshness_check(spec) for spec in ALL_BARS_ASSETS]
+FRESHNESS_CHECKS: dict[BarsAsset, dg.AssetChecksDefinition] = {
+    spec: build_freshness_check(spec) for spec in ALL_BARS_ASSETS
+}

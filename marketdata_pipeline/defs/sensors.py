@@ -8,10 +8,17 @@ import dagster as dg
 import psycopg
 
 from marketdata_pipeline import config
-from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, REFUSED, UNAVAILABLE, BarsAsset
+from marketdata_pipeline.defs.assets import (
+    ALL_BARS_ASSETS,
+    FAILED,
+    REFUSED,
+    UNAVAILABLE,
+    UP_TO_DATE,
+    BarsAsset,
+)
 from marketdata_pipeline.defs.partitions import month_and_symbol, months
 from marketdata_pipeline.defs.resources import WarehouseResource
-from marketdata_pipeline.defs.schedules import REFRESH_JOBS
+from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.registry import backfill_state
 from marketdata_pipeline.registry.symbols import active_symbols
@@ -59,15 +66,12 @@ def history_backfill(market: Market, symbol: str) -> list[dg.RunRequest]:
     """One ranged run per bars asset of the symbol's market, over the whole history."""
     keys = months().get_partition_keys()
     return [
-        dg.RunRequest(
+        bars_run(
+            spec,
+            [keys[0], keys[-1]],
+            [symbol],
             run_key=f"history|{spec.name}|{symbol}",
-            job_name=REFRESH_JOBS[market].name,
-            asset_selection=[dg.AssetKey(spec.name)],
-            tags={
-                "dagster/asset_partition_range_start": f"{keys[0]}|{symbol}",
-                "dagster/asset_partition_range_end": f"{keys[-1]}|{symbol}",
-                "marketdata/trigger": "new symbol",
-            },
+            trigger="new symbol",
         )
         for spec in ALL_BARS_ASSETS
         if spec.market is market
@@ -160,14 +164,16 @@ def window_states(
     if run is None:
         return []
     targets = run_partitions(instance, run)
-    if not targets:
+    kind = event.dagster_event_type
+    if not targets or (kind == dg.DagsterEventType.RUN_START and _new_days_only(run)):
+        # A nightly refresh finds out in the run which months have nothing new; those keep
+        # their state, so none is marked in progress.
         return []
     record = instance.get_run_record_by_id(run.run_id)
     started = _utc(record.start_time if record and record.start_time else event.timestamp)
     at = _utc(event.timestamp)
-    kind = event.dagster_event_type
     loaded: dict[tuple[str, str], tuple[int | None, int | None]] = {}
-    observed: dict[tuple[str, str], tuple[str, str]] = {}
+    observed: dict[tuple[str, str], tuple[str | None, str]] = {}
     error = None
     if kind != dg.DagsterEventType.RUN_START:
         loaded = _loaded_windows(instance, run.run_id)
@@ -188,7 +194,9 @@ def window_states(
             elif rows:
                 status, reason = "completed", None
             elif why_not_loaded:
-                status, reason = why_not_loaded
+                if why_not_loaded[0] is None:  # nothing new: the month keeps its state
+                    continue
+                status, reason = why_not_loaded[0], why_not_loaded[1]
             states.append(
                 backfill_state.WindowState(
                     asset=asset,
@@ -204,6 +212,16 @@ def window_states(
                 )
             )
     return states
+
+
+def _new_days_only(run: dg.DagsterRun) -> bool:
+    ops = (run.run_config or {}).get("ops")
+    if not isinstance(ops, dict):
+        return False
+    return any(
+        isinstance(op, dict) and (op.get("config") or {}).get("new_days_only")
+        for op in ops.values()
+    )
 
 
 def _loaded_windows(
@@ -227,10 +245,11 @@ def _loaded_windows(
 
 def _observed_windows(
     instance: dg.DagsterInstance, run_id: str
-) -> dict[tuple[str, str], tuple[str, str]]:
+) -> dict[tuple[str, str], tuple[str | None, str]]:
     """(asset, partition) -> (status, why) for the months a run observed but did not load:
-    `unavailable` (the provider's plan does not cover them) or `failed` (the load was
-    refused). The run's last word on a month counts."""
+    `unavailable` (the provider's plan does not cover them), `failed` (the load was refused,
+    or the symbol failed), or None (a nightly refresh found nothing new). The run's last word
+    on a month counts."""
     found = {}
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
     for record in records.records:
@@ -238,7 +257,12 @@ def _observed_windows(
         if observation is None or observation.partition is None:
             continue
         key = (observation.asset_key.to_user_string(), observation.partition)
-        for name, status in ((UNAVAILABLE, "unavailable"), (REFUSED, "failed")):
+        for name, status in (
+            (UNAVAILABLE, "unavailable"),
+            (REFUSED, "failed"),
+            (FAILED, "failed"),
+            (UP_TO_DATE, None),
+        ):
             words = observation.metadata.get(name)
             if words is not None:
                 found[key] = (status, str(getattr(words, "value", words))[:500])

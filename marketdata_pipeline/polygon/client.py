@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
@@ -26,7 +26,7 @@ import httpx
 import polars as pl
 import tenacity
 
-from marketdata_pipeline.domain import BAR_SCHEMA, empty_bars
+from marketdata_pipeline.domain import BAR_SCHEMA, Market, empty_bars
 from marketdata_pipeline.errors import MarketdataError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ _ENVELOPE_SCHEMA = pl.Schema(
 _WIRE_TO_BAR = {"t": "ts", "o": "open", "h": "high", "l": "low", "c": "close", "v": "volume"}
 _WIRE_TO_BAR |= {"vw": "vwap", "n": "trades"}
 _OK_STATUSES = ("OK", "DELAYED")
+# The grouped daily endpoint: one day's bar of every ticker of a market, in one response.
+_GROUPED_PATHS = {
+    Market.STOCK: "/v2/aggs/grouped/locale/us/market/stocks",
+    Market.CRYPTO: "/v2/aggs/grouped/locale/global/market/crypto",
+}
 # An integer too long for int64 where an integer belongs: polars would make it null.
 _LONG_INTEGER = re.compile(rb'"[nt]"\s*:\s*-?\d{19}')
 # String fields of an aggregates envelope: ticker, status, request_id, next_url.
@@ -336,6 +341,51 @@ class PolygonClient:
             )
         ]
         return pl.concat(frames, how="diagonal") if frames else empty_bars()
+
+    def grouped_daily(
+        self, market: Market, day: date, tickers: Collection[str], *, adjusted: bool = True
+    ) -> Page:
+        """The daily bars of `day` of the `tickers` among the whole market's, in one request;
+        the frame has a `ticker` column. Values are read strictly, as by `decode_page`."""
+        what = f"the grouped daily bars of {day}"
+        response = self._get(
+            f"{_GROUPED_PATHS[market]}/{day}", {"adjusted": str(adjusted).lower()}, what
+        )
+        header_id = response.headers.get("X-Request-Id")
+        envelope, results = _json_envelope(self._without_key(response.content), what, header_id)
+        request_id = envelope.get("request_id") or header_id or "?"
+        if envelope.get("status") not in _OK_STATUSES:
+            raise PolygonResponseError(
+                f"Polygon returned an unexpected body for {what} (request id {request_id})"
+            )
+        if envelope.get("adjusted") is not adjusted:
+            raise PolygonResponseError(
+                f"Polygon answered adjusted={envelope.get('adjusted')} for {what} "
+                f"(request id {request_id})"
+            )
+        # A bar whose ticker is not one asked for (or not a string) belongs to no one here.
+        wanted = [b for b in results or () if isinstance(b.get("T"), str) and b["T"] in tickers]
+        if not wanted:
+            frame = empty_bars().with_columns(ticker=pl.lit(None, pl.String()))
+            return Page(frame, request_id, what, received_at=datetime.now(UTC))
+        # Grouped stock bars are stamped at the session's close (16:00 New York), range bars
+        # at the day's start: every bar is moved to its day's start, as range bars have it.
+        local_day = (
+            pl.col("ts")
+            .cast(pl.Datetime("ms"))
+            .dt.replace_time_zone("UTC")
+            .dt.convert_time_zone(market.zone.key)
+            .dt.truncate("1d")
+        )
+        frame = (
+            _strict_bars(wanted)
+            .with_columns(
+                local_day.dt.convert_time_zone("UTC"),
+                ticker=pl.Series([bar["T"] for bar in wanted], dtype=pl.String()),
+            )
+            .select("ticker", *BAR_SCHEMA.names(), "defects")
+        )
+        return Page(frame, request_id, what, received_at=datetime.now(UTC))
 
     def _without_key(self, content: bytes) -> bytes:
         """A body with the key redacted, before any of it (a ticker, a request id, a bad

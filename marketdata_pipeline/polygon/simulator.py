@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -594,6 +595,7 @@ class Simulator:
         now: datetime | None = None,
         plan: str | None = None,
         plan_window_seconds: float = 60.0,
+        listed: Iterable[str] = (),
     ) -> None:
         self.api_key = api_key
         self.base_url = base_url.rstrip("/")
@@ -608,6 +610,11 @@ class Simulator:
         # The free plan's requests per minute; tests shrink the minute to keep runs short.
         self._window = _RequestWindow(FREE_REQUESTS_PER_MINUTE, plan_window_seconds)
         self.requests: list[str] = []  # the latest paths with query, in arrival order
+        # The tickers the grouped daily endpoint lists (the real one lists about 10,000): the
+        # default symbols, `listed`, and every ticker asked for by range.
+        self.listed: dict[str, None] = dict.fromkeys(
+            [*(s.asset_class.market.provider_ticker(s.symbol) for s in DEFAULT_SYMBOLS), *listed]
+        )
 
     # -- configuration -------------------------------------------------------------------
 
@@ -775,6 +782,7 @@ class Simulator:
 
     def _aggregates(self, params: dict[str, str], query: dict[str, str], faults: Faults) -> bytes:
         request = _AggsRequest.parse(params, query)
+        self.listed.setdefault(request.ticker)
         if request.timespan not in SUPPORTED_TIMESPANS:  # seconds: not in the simulated plan
             raise _Refused(_not_authorized(_NOT_ENTITLED))
         self._check_history(request.start_ms)
@@ -885,10 +893,13 @@ class Simulator:
         market = Market.CRYPTO if match.group("crypto") else Market.STOCK
         self._check_history(_parse_bound(raw_day, market.zone, end=False))
         tickers = [
-            market.provider_ticker(s.symbol)
-            for s in DEFAULT_SYMBOLS
-            if s.asset_class.market is market and not faults.empty_results
+            t
+            for t in list(self.listed)
+            if Market.of_provider_ticker(t) is market and not faults.empty_results
         ]
+        # Per the provider's spec (and its recorded answers), grouped stock bars are stamped
+        # at the end of their window, 16:00 New York; crypto bars at the start of their day.
+        stamp_ms = 16 * 3_600_000 if market is Market.STOCK else 0
         now_ms = self._now_ms()
         results = []
         for ticker in tickers:
@@ -898,7 +909,8 @@ class Simulator:
                 columns = synth.bars(
                     ticker, starts, synth.DAY_MS, self.revisions, adjusted=adjusted
                 )
-                results.append({"T": ticker, **_rows(columns)[0]})
+                bar = _rows(columns)[0]
+                results.append({"T": ticker, **bar, "t": int(bar["t"]) + stamp_ms})  # type: ignore[call-overload]
         body: dict[str, object] = {
             "queryCount": len(results),
             "resultsCount": len(results),

@@ -153,12 +153,7 @@ class Validation:
         return self.valid.height / self.received if self.received else None
 
 
-def validate(
-    frame: pl.DataFrame,
-    window: Window,
-    market: Market,
-    fetched_at: datetime | None = None,
-) -> Validation:
+def validate(frame: pl.DataFrame, window: Window, fetched_at: datetime | None = None) -> Validation:
     """Split a window's raw bars into valid rows and rejected rows with every reason."""
     fetched_at = fetched_at or datetime.now(UTC)
     defects = frame["defects"] if "defects" in frame.columns else None
@@ -168,7 +163,7 @@ def validate(
         reasons = _with_defects(reasons, defects)
     rejected = numbered.join(reasons, on=_ROW, how="inner").sort(_ROW).drop(_ROW)
     valid = numbered.join(reasons, on=_ROW, how="anti").drop(_ROW).sort("ts")
-    return Validation(valid, rejected, _flags(valid, market, window.timeframe))
+    return Validation(valid, rejected, _flags(valid, window.market, window.timeframe))
 
 
 def _with_defects(reasons: pl.DataFrame, defects: pl.Series) -> pl.DataFrame:

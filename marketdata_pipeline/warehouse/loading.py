@@ -1,6 +1,6 @@
-"""Loading bars: exact, atomic replacement of one (symbol, month) window.
+"""Loading bars: exact, atomic replacement of one window (a symbol's month, or its latest days).
 
-One transaction per window: take the window's advisory lock (two loads of the same window
+One transaction per window: take the month's advisory lock (two loads of the same month
 serialize), delete the window's bars, binary COPY the validated rows straight into the bars
 table, and replace the window's quarantined rows. A crash anywhere rolls back to the previous
 state; nothing is ever duplicated. (COPY into a staging table and INSERT ... SELECT from it
@@ -76,16 +76,25 @@ def replace_window(
         ).rowcount
         if bars.height * 2 < replaced and not accept_shrink:
             raise ShrinkRefused(
-                f"refused to replace {symbol} {window.timeframe} {window.month:%Y-%m}: the "
-                f"fetch has {bars.height:,} valid bars where {replaced:,} are loaded; the month "
-                "keeps its bars (re-run with accept_shrink to accept the fetch)"
+                f"refused to replace {symbol} {window.timeframe} {window.label}: the fetch has "
+                f"{bars.height:,} valid bars where {replaced:,} are loaded; they stay "
+                "(re-run with accept_shrink to accept the fetch)"
             )
         if bars.height:
             with conn.cursor().copy(copy_bars(table)) as writer:
                 writer.write(pg_binary.encode(bars, symbol))
+        # The window's quarantine: rows in its days, and the month's rows that have no time
+        # or a time outside the month (a fetch's strays; the latest fetch's are kept).
         conn.execute(
-            "DELETE FROM bars_rejected WHERE timeframe = %s AND symbol = %s AND month = %s",
-            (window.timeframe, symbol, window.month),
+            "DELETE FROM bars_rejected WHERE timeframe = %s AND symbol = %s AND month = %s "
+            "AND (ts IS NULL OR ts >= %s AND ts < %s OR ts < %s OR ts >= %s)",
+            (
+                window.timeframe,
+                symbol,
+                window.month,
+                *(window.start, window.end),
+                *(window.month_start, window.month_end),
+            ),
         )
         if rejected.height:
             with conn.cursor() as cursor:
