@@ -49,7 +49,7 @@ import polars as pl
 from psycopg import sql
 
 from marketdata_pipeline import config
-from marketdata_pipeline.domain import Market, Timeframe, next_month
+from marketdata_pipeline.domain import Market, Timeframe, Window, next_month
 from marketdata_pipeline.pipeline import fetch_windows, ingest
 from marketdata_pipeline.polygon.client import PolygonClient
 from marketdata_pipeline.warehouse import connection as db
@@ -186,10 +186,7 @@ def fetch_and_validate(base_url: str, symbols: list[str], months: list[date]) ->
             for symbol in symbols
             for part in fetch_windows(
                 client,
-                market=Market.STOCK,
-                timeframe=Timeframe.MINUTE,
-                symbol=symbol,
-                months=months,
+                [Window.of_month(Market.STOCK, Timeframe.MINUTE, symbol, m) for m in months],
             )
         ]
 

@@ -79,3 +79,29 @@ def test_a_full_window_waits_until_its_oldest_request_leaves(migrated_url: str) 
     took = time.monotonic() - started
     assert len(waits) == 1 and 0 < waits[0] <= WINDOW + MARGIN_SECONDS
     assert WINDOW + MARGIN_SECONDS - 0.1 <= took < WINDOW + MARGIN_SECONDS + 1
+
+
+def test_one_session_for_every_request_and_a_new_one_when_it_breaks(migrated_url: str) -> None:
+    limit = SharedRequestLimit(migrated_url, "pk_session", 100, window_seconds=30)
+
+    def sessions_of_the_limit() -> list[int]:
+        with db.connection(migrated_url) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            ).fetchall()
+        return [pid for (pid,) in rows]
+
+    for _ in range(5):
+        limit.acquire()
+    [pid] = sessions_of_the_limit()
+    with db.connection(migrated_url) as conn:  # a restart, a dropped connection
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    limit.acquire()
+    [new_pid] = sessions_of_the_limit()
+    assert new_pid != pid
+    limit.close()
+    assert sessions_of_the_limit() == []
+    with db.connection(migrated_url) as conn:
+        [(logged,)] = conn.execute("SELECT count(*) FROM polygon_requests").fetchall()
+    assert logged == 6

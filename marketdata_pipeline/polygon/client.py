@@ -99,6 +99,8 @@ class RequestLimiter(Protocol):
 
     def acquire(self) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
@@ -278,6 +280,8 @@ class PolygonClient:
 
     def close(self) -> None:
         self._http.close()
+        if self._limiter:
+            self._limiter.close()
 
     def aggregate_pages(
         self,

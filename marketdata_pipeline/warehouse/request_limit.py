@@ -9,12 +9,16 @@ PostgreSQL bucket would do the same through a psycopg_pool dependency; this is o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 
-from marketdata_pipeline.warehouse.connection import connection
+import psycopg
+
+from marketdata_pipeline.warehouse.connection import connect
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,16 @@ class SharedRequestLimit:
         self.window_seconds = window_seconds
         self._kept_seconds = window_seconds + MARGIN_SECONDS
         self._sleep = sleep
+        # One session for the limiter's life: a connection per request would cost more than
+        # the bookkeeping on a warehouse across a network.
+        self._conn: psycopg.Connection | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def __repr__(self) -> str:
         return f"SharedRequestLimit({self.per_window} per {self.window_seconds:g} s)"
@@ -69,7 +83,27 @@ class SharedRequestLimit:
 
     def _try_acquire(self) -> float:
         """0 when a request was logged, else the seconds until the oldest leaves the window."""
-        with connection(self._url) as conn, conn.transaction():
+        with self._lock:
+            try:
+                return self._try_acquire_on(self._session())
+            except psycopg.OperationalError:
+                # The session broke (a restart, a dropped connection): once more on a new one.
+                self._drop_session()
+                return self._try_acquire_on(self._session())
+
+    def _session(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self._url)
+        return self._conn
+
+    def _drop_session(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        self._conn = None
+
+    def _try_acquire_on(self, conn: psycopg.Connection) -> float:
+        with conn.transaction():
             conn.execute(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                 (REQUEST_LOCK_CLASS, self.key_id),
