@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from marketdata_pipeline.domain import AssetClass
 from marketdata_pipeline.errors import ConfigError
@@ -87,3 +89,128 @@ DEFAULT_SYMBOLS: tuple[SeedSymbol, ...] = (
 def simulated() -> bool:
     """True when bars come from the offline simulator (set by `marketdata ui` without a key)."""
     return os.environ.get("MARKETDATA_SIMULATED", "") == "1"
+
+
+# What `marketdata ui` serves by default; MARKETDATA_UI_URL when the UI is elsewhere.
+DEFAULT_UI_URL = "http://127.0.0.1:3000"
+_EMAIL_VARIABLES = (
+    "MARKETDATA_ALERT_SMTP_PORT",
+    "MARKETDATA_ALERT_SMTP_USER",
+    "MARKETDATA_ALERT_SMTP_PASSWORD",
+    "MARKETDATA_ALERT_SMTP_STARTTLS",
+    "MARKETDATA_ALERT_EMAIL_FROM",
+    "MARKETDATA_ALERT_EMAIL_TO",
+)
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    starttls: bool
+    user: str | None
+    password: str | None = field(repr=False)  # a secret: never in a message or a repr
+    sender: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """Where alerts go: a channel left unset is off, and with none set nothing is sent."""
+
+    webhook_url: str | None = field(repr=False)  # Slack webhook URLs are secrets
+    smtp: SmtpSettings | None
+    ui_url: str
+
+
+def alert_settings() -> AlertSettings:
+    webhook_url = _env("MARKETDATA_ALERT_WEBHOOK_URL")
+    if webhook_url and not _is_http_url(webhook_url):
+        raise ConfigError(
+            "MARKETDATA_ALERT_WEBHOOK_URL must be an http(s) URL (its value is a secret: not shown)"
+        )
+    ui_url = _env("MARKETDATA_UI_URL") or DEFAULT_UI_URL
+    if not _is_http_url(ui_url):
+        raise ConfigError(f"MARKETDATA_UI_URL must be an http(s) URL, got {ui_url!r}")
+    return AlertSettings(webhook_url=webhook_url, smtp=_smtp_settings(), ui_url=ui_url.rstrip("/"))
+
+
+def _smtp_settings() -> SmtpSettings | None:
+    host = _env("MARKETDATA_ALERT_SMTP_HOST")
+    if not host:
+        # Email settings without a server would silently send nothing.
+        for name in _EMAIL_VARIABLES:
+            if _env(name):
+                raise ConfigError(f"{name} is set but MARKETDATA_ALERT_SMTP_HOST is not")
+        return None
+    user = _env("MARKETDATA_ALERT_SMTP_USER")
+    password = _env("MARKETDATA_ALERT_SMTP_PASSWORD")
+    if bool(user) != bool(password):
+        raise ConfigError(
+            "MARKETDATA_ALERT_SMTP_USER and MARKETDATA_ALERT_SMTP_PASSWORD go together: "
+            "set both or neither"
+        )
+    # A login is sent over STARTTLS unless told otherwise (a trusted relay on port 25).
+    starttls = _flag("MARKETDATA_ALERT_SMTP_STARTTLS", default=bool(user))
+    port = _port("MARKETDATA_ALERT_SMTP_PORT", default=587 if starttls else 25)
+    recipients = tuple(
+        address.strip()
+        for address in (_env("MARKETDATA_ALERT_EMAIL_TO") or "").split(",")
+        if address.strip()
+    )
+    if not recipients:
+        raise ConfigError(
+            "MARKETDATA_ALERT_EMAIL_TO must list at least one address (comma-separated) "
+            "when MARKETDATA_ALERT_SMTP_HOST is set"
+        )
+    sender = _env("MARKETDATA_ALERT_EMAIL_FROM") or (
+        user if user and "@" in user else f"marketdata@{socket.gethostname()}"
+    )
+    for name, address in (
+        *(("MARKETDATA_ALERT_EMAIL_TO", r) for r in recipients),
+        ("MARKETDATA_ALERT_EMAIL_FROM", sender),
+    ):
+        if "@" not in address or any(c.isspace() for c in address):
+            raise ConfigError(f"{name}: {address!r} is not an email address")
+    return SmtpSettings(
+        host=host,
+        port=port,
+        starttls=starttls,
+        user=user,
+        password=password,
+        sender=sender,
+        recipients=recipients,
+    )
+
+
+def _env(name: str) -> str | None:
+    return (os.environ.get(name) or "").strip() or None
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _flag(name: str, *, default: bool) -> bool:
+    raw = _env(name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
+
+
+def _port(name: str, *, default: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name} must be a port number from 1 to 65535, got {port}")
+    return port

@@ -6,6 +6,7 @@ import dagster as dg
 
 from marketdata_pipeline import config
 from marketdata_pipeline.defs.admin_jobs import admin_jobs
+from marketdata_pipeline.defs.alerting import alert_sensors
 from marketdata_pipeline.defs.assets import bars_assets
 from marketdata_pipeline.defs.checks import FRESHNESS_CHECKS
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
@@ -20,7 +21,7 @@ def defs() -> dg.Definitions:
         asset_checks=list(FRESHNESS_CHECKS.values()),
         jobs=[*REFRESH_JOBS.values(), *FRESHNESS_JOBS.values(), *admin_jobs],
         schedules=SCHEDULES,
-        sensors=[symbol_registry_sensor, backfill_status_sensor],
+        sensors=[symbol_registry_sensor, backfill_status_sensor, *alert_sensors],
         # Each bars run is one step; running it in the run's own process saves a second
         # process start (about 3 s) per run, which dominates a backfill's many short runs.
         executor=dg.in_process_executor,

@@ -1,6 +1,7 @@
-"""Fetch -> validate -> load of one symbol's months: the pipeline path, without Dagster.
+"""Fetch -> validate -> load of windows (a symbol's months, or the new days of a night): the
+pipeline path, without Dagster.
 
-Contiguous months are fetched with one paginated request stream. Each bar goes to the month
+A symbol's contiguous windows are fetched with one paginated request stream. Each bar goes to the month
 its timestamp falls in, whatever order the provider sends; a month is validated once the
 stream has passed it (a page holds a bar after the month's end) and loaded while the next
 one is fetched, in a worker thread one month ahead, so memory holds a few months and a page
@@ -8,7 +9,11 @@ whatever the range. A bar that arrives after its month was loaded makes
 that month be fetched again on its own: nothing received is lost, nothing counted twice.
 
 Months the provider's plan does not cover are reported as unavailable, the rest load; a load
-that would empty or halve a month is refused and reported, the other months go on.
+that would empty or halve a window is refused and reported, the other windows go on.
+
+A night loads each symbol's days since its latest stored bar (`new_days`); daily bars of many
+symbols then come from the grouped daily endpoint, one request per session for all of them
+(`ingest_grouped`), when that is fewer requests than a stream per symbol.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from marketdata_pipeline.domain import (
 )
 from marketdata_pipeline.polygon.client import PolygonClient, PolygonPlanLimit
 from marketdata_pipeline.quality.calendars import sessions
-from marketdata_pipeline.quality.validation import Validation, validate
+from marketdata_pipeline.quality.validation import Validation, validate, validate_symbols
 from marketdata_pipeline.warehouse.loading import LoadResult, ShrinkRefused, replace_window
 
 log = logging.getLogger(__name__)
@@ -212,23 +217,27 @@ def ingest_grouped(
         request_ids[day], fetched_at = page.request_id, page.received_at or fetched_at
         for (ticker,), bars in page.frame.partition_by("ticker", as_dict=True).items():
             received[symbol_of[str(ticker)]].append(bars.drop("ticker"))
+    raws: dict[Window, pl.DataFrame] = {}
     for symbol, symbol_windows in _by_symbol(windows).items():
         bars = pl.concat(received[symbol], how="diagonal") if received[symbol] else empty_bars()
         # Like a stream's pages: a bar goes to the window its day is in; one before the first
         # or after the last goes there, to be rejected as outside it.
         ends = pl.Series([w.end for w in symbol_windows[:-1]], dtype=pl.Datetime("ms", "UTC"))
         routed = bars.with_columns(
-            _window=ends.search_sorted(bars["ts"], side="right").fill_null(0)
+            _window=ends.search_sorted(bars["ts"], side="right").fill_null(0),
+            symbol=pl.lit(symbol, pl.String()),
         )
         for index, window in enumerate(symbol_windows):
-            days = [d for d in request_ids if window.first_day <= d <= window.last_day]
-            raw = routed.filter(pl.col("_window") == index).drop("_window")
-            part = FetchedWindow(
-                window,
-                validate(raw, window, fetched_at),
-                [request_ids[d] for d in days],
-                pages=len(days),
-            )
+            raws[window] = routed.filter(pl.col("_window") == index).drop("_window")
+    same_days: dict[tuple[date, date], list[Window]] = collections.defaultdict(list)
+    for window in windows:
+        same_days[(window.first_day, window.last_day)].append(window)
+    for (first_day, last_day), group in same_days.items():
+        ids = [request_ids[d] for d in request_ids if first_day <= d <= last_day]
+        frame = pl.concat([raws[w] for w in group], how="diagonal")
+        validations = validate_symbols(frame, group, fetched_at)
+        for window in group:
+            part = FetchedWindow(window, validations[window.symbol], ids, pages=len(ids))
             outcome = WindowOutcome(**vars(part))
             outcome.load, outcome.refused = _load(conn, part, run_id, accept_shrink)
             yield outcome

@@ -51,7 +51,7 @@ def night(instance: dg.DagsterInstance, now: datetime) -> dict[str, dg.RunReques
     context = dg.build_schedule_context(instance=instance, scheduled_execution_time=now)
     requests = stock_bars_after_close(context)
     assert isinstance(requests, list)
-    return {r.asset_selection[0].to_user_string(): r for r in requests}  # type: ignore[index]
+    return {r.asset_selection[0].to_user_string(): r for r in requests}
 
 
 def run(
@@ -146,7 +146,7 @@ def test_a_night_is_one_run_per_asset_loading_only_new_days_exactly(
             got = stored(warehouse_url, spec, symbol, first, last)
             assert got.equals(want), f"{name} {symbol}"
     windows = {
-        str(m.partition): m.materialization.metadata["window"].value  # type: ignore[attr-defined]
+        str(m.partition): m.materialization.metadata["window"].value
         for m in daily.get_asset_materialization_events()
     }
     assert set(windows.values()) <= {f"{before}..{through}", f"{through.replace(day=1)}..{through}"}
@@ -172,7 +172,7 @@ def test_one_failing_symbol_fails_the_run_by_name_and_the_others_load(
     said = backfill_status_sensor(context)
     assert isinstance(said, dg.SkipReason)
     with psycopg.connect(warehouse_url) as conn:
-        states = dict(
+        states: dict[str, str] = dict(
             conn.execute(
                 "SELECT symbol, status || coalesce(': ' || error, '') FROM backfill_state "
                 "WHERE asset = 'stock_minute_bars' AND run_id = %s AND month = %s",

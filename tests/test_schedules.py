@@ -74,12 +74,12 @@ def test_a_night_is_one_run_per_asset_over_every_symbol() -> None:
         instance.add_dynamic_partitions("stock_symbols", ["MSFT", "AAPL", "SPY"])
         requests = stock_bars_after_close(context)
         assert isinstance(requests, list)
-        by_asset = {r.asset_selection[0].to_user_string(): r for r in requests}  # type: ignore[index]
+        by_asset = {r.asset_selection[0].to_user_string(): r for r in requests}
         assert sorted(by_asset) == ["stock_daily_bars", "stock_minute_bars"]
         for name, request in by_asset.items():
             spec = next(s for s in ALL_BARS_ASSETS if s.name == name)
             keys = spec.partitions.get_partition_keys_in_range(
-                request.partition_key_range,  # type: ignore[arg-type]
+                request.partition_key_range,
                 dynamic_partitions_store=instance,
             )
             assert sorted(keys) == [
@@ -115,7 +115,7 @@ def test_the_weekly_pass_reloads_the_weeks_months_whole() -> None:
         for request in requests:
             assert request.tags["dagster/asset_partition_range_start"] == "2024-02-01|AAPL"
             assert request.tags["dagster/asset_partition_range_end"] == "2024-03-01|AAPL"
-            name = request.asset_selection[0].to_user_string()  # type: ignore[index]
+            name = request.asset_selection[0].to_user_string()
             assert request.run_config["ops"][name]["config"]["new_days_only"] is False
 
 
@@ -129,8 +129,8 @@ def test_freshness_runs_on_its_own_schedule_and_never_in_a_bars_run() -> None:
             resources={"warehouse": WarehouseResource(), "polygon": PolygonResource()},
         ).resolve_asset_graph()
     for market in Market:
-        refresh = REFRESH_JOBS[market].selection.resolve_checks(graph)  # type: ignore[union-attr]
-        checks = FRESHNESS_JOBS[market].selection.resolve_checks(graph)  # type: ignore[union-attr]
+        refresh = REFRESH_JOBS[market].selection.resolve_checks(graph)
+        checks = FRESHNESS_JOBS[market].selection.resolve_checks(graph)
         assert not refresh & freshness
         assert checks and checks <= freshness
         assert {key.asset_key.to_user_string().split("_")[0] for key in checks} == {market}

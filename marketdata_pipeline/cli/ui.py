@@ -59,7 +59,9 @@ def ui_command(port: int) -> None:
     dagster_home = _dagster_instance(url, simulated)
     server = _start_demo_simulator() if simulated else None
     _register_symbol_partitions(url)
-    click.echo(f"Dagster UI: http://127.0.0.1:{port}  (warehouse {describe(url)}, {database})")
+    ui_url = f"http://127.0.0.1:{port}"
+    os.environ.setdefault("MARKETDATA_UI_URL", ui_url)  # the alerts' links point here
+    click.echo(f"Dagster UI: {ui_url}  (warehouse {describe(url)}, {database})")
     if on_embedded:
         click.echo(
             f"While it runs, `marketdata` commands with MARKETDATA_HOME="

@@ -11,6 +11,8 @@ from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.quality.calendars import last_complete_session
 from marketdata_pipeline.registry.symbols import active_symbols
 
+FRESHNESS = "freshness"
+
 
 def stale_symbols(
     conn: psycopg.Connection, spec: BarsAsset, now: datetime
@@ -38,7 +40,7 @@ def stale_symbols(
 def build_freshness_check(spec: BarsAsset) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=spec.name,
-        name="freshness",
+        name=FRESHNESS,
         description="Warns when an active symbol's latest bar is older than the last complete "
         "session (stocks, NYSE calendar) or UTC day (crypto).",
         blocking=False,
