@@ -1,12 +1,12 @@
 """Fetch -> validate -> load of windows (a symbol's months, or the new days of a night): the
 pipeline path, without Dagster.
 
-A symbol's contiguous windows are fetched with one paginated request stream. Each bar goes to the month
-its timestamp falls in, whatever order the provider sends; a month is validated once the
-stream has passed it (a page holds a bar after the month's end) and loaded while the next
-one is fetched, in a worker thread one month ahead, so memory holds a few months and a page
-whatever the range. A bar that arrives after its month was loaded makes
-that month be fetched again on its own: nothing received is lost, nothing counted twice.
+A symbol's contiguous windows are fetched with one paginated request stream. Each bar goes
+to the window its timestamp falls in, whatever order the provider sends; a window is
+validated once the stream has passed it (a page holds a bar after its end) and loaded while
+the next one is fetched, in a worker thread one window ahead, so memory holds a few months
+and a page whatever the range. A bar that arrives after its window was loaded makes that
+window be fetched again on its own: nothing received is lost, nothing counted twice.
 
 Months the provider's plan does not cover are reported as unavailable, the rest load; a load
 that would empty or halve a window is refused and reported, the other windows go on.

@@ -19,7 +19,7 @@ from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, BarsAsset, bars_ass
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.schedules import stock_bars_after_close
 from marketdata_pipeline.defs.sensors import backfill_status_sensor
-from marketdata_pipeline.domain import Market, Window
+from marketdata_pipeline.domain import Market, Timeframe, Window
 from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
 from marketdata_pipeline.quality.calendars import last_complete_session, sessions
 from marketdata_pipeline.warehouse import connection as db
@@ -151,6 +151,14 @@ def test_a_night_is_one_run_per_asset_loading_only_new_days_exactly(
     }
     assert set(windows.values()) <= {f"{before}..{through}", f"{through.replace(day=1)}..{through}"}
     assert len(windows) >= len(SYMBOLS)
+    # A partition's row count is its month's, not the few days the night loaded.
+    for event in daily.get_asset_materialization_events():
+        month, symbol = str(event.partition).split("|")
+        whole = Window.of_month(Market.STOCK, Timeframe.DAILY, symbol, date.fromisoformat(month))
+        in_month = stored(warehouse_url, SPECS["stock_daily_bars"], symbol, whole, whole).height
+        metadata = event.materialization.metadata
+        assert metadata["dagster/row_count"].value == in_month
+        assert in_month >= metadata["rows_loaded"].value  # type: ignore[operator]
 
 
 def test_one_failing_symbol_fails_the_run_by_name_and_the_others_load(

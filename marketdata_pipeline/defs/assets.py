@@ -22,7 +22,7 @@ from marketdata_pipeline.pipeline import (
     ingest_windows,
     new_days,
 )
-from marketdata_pipeline.polygon.client import PolygonAuthError, PolygonError, PolygonUnavailable
+from marketdata_pipeline.polygon.client import PolygonError, PolygonUnavailable
 from marketdata_pipeline.quality.calendars import last_complete_session
 from marketdata_pipeline.quality.coverage import (
     MAX_REJECTION_RATE,
@@ -330,9 +330,9 @@ class _Run:
         try:
             for outcome in outcomes:
                 yield self._told(outcome)
-        except (PolygonAuthError, PolygonUnavailable) as error:
-            # The provider as a whole refuses or is down: the other symbols would wait and
-            # fail the same way, so they are not attempted.
+        except PolygonUnavailable as error:
+            # The provider is down (retries exhausted): the other symbols would each wait out
+            # the same retry budget and fail the same way, so they are not attempted.
             self.provider_down = str(error)
             yield from self._fail(symbols, plan, str(error))
         except PolygonError as error:
@@ -455,7 +455,7 @@ def _metadata(
     valid = outcome.validation.valid
     metadata: dict[str, dg.MetadataValue | str | int | float] = {
         "window": outcome.window.label,
-        "dagster/row_count": summary.loaded,
+        "dagster/row_count": outcome.load.rows_in_month,
         "rows_loaded": summary.loaded,
         "rows_rejected": summary.rejected,
         "rows_flagged": outcome.validation.flagged.height,

@@ -37,6 +37,7 @@ class LoadResult:
     rows_loaded: int
     rows_rejected: int
     rows_replaced: int  # rows the window held before
+    rows_in_month: int  # rows of the window's month now (more than loaded for some days)
 
 
 def bar_table(timeframe: Timeframe) -> sql.Identifier:
@@ -107,4 +108,12 @@ def replace_window(
                         for row in rejected.select(_REJECT_COLUMNS).iter_rows()
                     ],
                 )
-    return LoadResult(bars.height, rejected.height, replaced)
+        in_month = bars.height
+        if not window.is_whole_month:
+            [(in_month,)] = conn.execute(
+                sql.SQL(
+                    "SELECT count(*) FROM {} WHERE symbol = %s AND ts >= %s AND ts < %s"
+                ).format(table),
+                (symbol, window.month_start, window.month_end),
+            ).fetchall()
+    return LoadResult(bars.height, rejected.height, replaced, in_month)
