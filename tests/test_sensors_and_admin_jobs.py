@@ -6,6 +6,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -217,7 +218,21 @@ def test_a_symbol_is_completed_only_when_its_whole_history_is(url) -> None:
             expected,
         )
         assert symbol_row(url, "AAPL")[0] == "completed"
-        assert backfill_state.loaded_windows(conn) == {"AAPL": 4}
+        assert backfill_state.window_counts(conn) == {"AAPL": backfill_state.WindowCounts(3, 1)}
+        assert backfill_state.window_counts(conn)["AAPL"].of(expected) == "3/4 (1 beyond the plan)"
+
+    with db.connection(url) as conn:  # none of IBM's history is within the plan
+        conn.execute("INSERT INTO tracked_symbols (symbol, asset_class) VALUES ('IBM', 'stock')")
+        backfill_state.record(
+            conn,
+            [
+                replace(state(asset, month, "unavailable"), symbol="IBM")
+                for asset in ("stock_daily_bars", "stock_minute_bars")
+                for month in ("2026-01-01", "2026-02-01")
+            ],
+            expected,
+        )
+    assert symbol_row(url, "IBM")[0] == "unavailable"
 
 
 def add_config(**config: str) -> dict:

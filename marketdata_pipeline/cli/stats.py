@@ -8,6 +8,7 @@ import click
 
 from marketdata_pipeline.cli.common import table, warehouse, when
 from marketdata_pipeline.registry import backfill_state
+from marketdata_pipeline.registry.backfill_state import WindowCounts
 from marketdata_pipeline.registry.stats import stats
 
 
@@ -17,10 +18,10 @@ def stats_command(symbol: str) -> None:
     """Bars per timeframe, first and last bar, validation rate and calendar gaps of SYMBOL."""
     with warehouse() as conn:
         tracked, per_timeframe = stats(conn, symbol)
-        loaded = backfill_state.loaded_windows(conn).get(tracked.symbol, 0)
+        counts = backfill_state.window_counts(conn).get(tracked.symbol, WindowCounts())
     click.echo(
         f"{tracked.symbol} ({tracked.asset_class}), backfill {tracked.backfill_status} "
-        f"({loaded} of {backfill_state.expected_windows()} month windows loaded)"
+        f"({counts.of(backfill_state.expected_windows())} month windows loaded)"
     )
     table(
         ["TIMEFRAME", "BARS", "FIRST", "LAST", "VALIDATION", "MISSING DAYS"],

@@ -7,6 +7,7 @@ import click
 from marketdata_pipeline.cli.common import table, warehouse, when
 from marketdata_pipeline.domain import AssetClass
 from marketdata_pipeline.registry import backfill_state, symbols
+from marketdata_pipeline.registry.backfill_state import WindowCounts
 
 ASSET_CLASS = click.Choice([c.value for c in AssetClass])
 
@@ -37,13 +38,13 @@ def symbols_list(asset_class: str | None, include_inactive: bool) -> None:
             asset_class=AssetClass(asset_class) if asset_class else None,
             include_inactive=include_inactive,
         )
-        loaded = backfill_state.loaded_windows(conn)
+        counts = backfill_state.window_counts(conn)
     expected = backfill_state.expected_windows()
     table(
         ["SYMBOL", "CLASS", "ACTIVE", "BACKFILL", "WINDOWS", "LAST BACKFILL", "ERROR"],
         [
             [r.symbol, r.asset_class, "yes" if r.active else "no", r.backfill_status,
-             f"{loaded.get(r.symbol, 0)}/{expected}", when(r.last_backfill),
+             counts.get(r.symbol, WindowCounts()).of(expected), when(r.last_backfill),
              r.backfill_error or ""]
             for r in rows
         ],
@@ -57,11 +58,11 @@ def symbols_show(symbol: str) -> None:
     with warehouse() as conn:
         tracked = symbols.get(conn, symbol)
         windows = backfill_state.windows(conn, tracked.symbol)
-        loaded = backfill_state.loaded_windows(conn).get(tracked.symbol, 0)
+        counts = backfill_state.window_counts(conn).get(tracked.symbol, WindowCounts())
     click.echo(
         f"{tracked.symbol} ({tracked.asset_class}), {'active' if tracked.active else 'removed'}, "
         f"added {when(tracked.date_added)}, backfill {tracked.backfill_status} "
-        f"({loaded} of {backfill_state.expected_windows()} month windows loaded)"
+        f"({counts.of(backfill_state.expected_windows())} month windows loaded)"
         + (f": {tracked.backfill_error}" if tracked.backfill_error else "")
     )
     table(

@@ -57,8 +57,9 @@ FROM (
            CASE WHEN bool_or(status = 'in_progress') THEN 'in_progress'
                 WHEN bool_or(status = 'failed') THEN 'failed'
                 WHEN count(*) FILTER (WHERE status IN ('completed', 'unavailable'))
-                     >= %(expected)s THEN 'completed'
-                ELSE 'pending' END AS status,
+                     < %(expected)s THEN 'pending'
+                WHEN bool_or(status = 'completed') THEN 'completed'
+                ELSE 'unavailable' END AS status,
            (array_agg(error ORDER BY finished_at DESC NULLS LAST)
                 FILTER (WHERE status = 'failed'))[1] AS error,
            max(finished_at) FILTER (WHERE status = 'completed') AS last_backfill
@@ -85,8 +86,9 @@ def record(
     """Write window states and roll them up onto their symbols; returns rows changed.
 
     A symbol is `completed` only when all `expected` windows of its history (default: its
-    whole history, `expected_windows()`) are completed or unavailable; `pending` while some
-    are still to load; `in_progress` or `failed` when any window is.
+    whole history, `expected_windows()`) are completed or unavailable (beyond the provider's
+    plan), and `unavailable` when all are that; `pending` while some are still to load;
+    `in_progress` or `failed` when any window is.
     """
     states = list(states)
     changed = 0
@@ -103,13 +105,25 @@ def record(
     return changed
 
 
-def loaded_windows(conn: psycopg.Connection) -> dict[str, int]:
-    """Per symbol, the windows whose history is done: completed or unavailable."""
+@dataclass(frozen=True)
+class WindowCounts:
+    """A symbol's month windows: loaded, and beyond the provider's plan."""
+
+    loaded: int = 0
+    unavailable: int = 0
+
+    def of(self, expected: int) -> str:
+        """`12/166`, or `12/166 (60 beyond the plan)`."""
+        beyond = f" ({self.unavailable} beyond the plan)" if self.unavailable else ""
+        return f"{self.loaded}/{expected}{beyond}"
+
+
+def window_counts(conn: psycopg.Connection) -> dict[str, WindowCounts]:
     rows = conn.execute(
-        "SELECT symbol, count(*) FROM backfill_state "
-        "WHERE status IN ('completed', 'unavailable') GROUP BY symbol"
+        "SELECT symbol, count(*) FILTER (WHERE status = 'completed'), "
+        "count(*) FILTER (WHERE status = 'unavailable') FROM backfill_state GROUP BY symbol"
     ).fetchall()
-    return dict(rows)
+    return {symbol: WindowCounts(loaded, unavailable) for symbol, loaded, unavailable in rows}
 
 
 def windows(conn: psycopg.Connection, symbol: str) -> list[WindowState]:

@@ -82,7 +82,9 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     """One session in UTC, or DatabaseUnavailable naming host and port."""
     where = describe(url)
     try:
-        conn = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        # No server-side prepared statements: poolers (PgBouncer in transaction mode) and
+        # PGlite's single shared session would see one connection's names from another.
+        conn = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS, prepare_threshold=None)
     except psycopg.OperationalError as error:
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {where}: {_reason(error)}"
