@@ -8,7 +8,6 @@ from marketdata_pipeline import config
 from marketdata_pipeline.defs.admin_jobs import admin_jobs
 from marketdata_pipeline.defs.alerting import alert_sensors
 from marketdata_pipeline.defs.assets import bars_assets
-from marketdata_pipeline.defs.checks import FRESHNESS_CHECKS
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.schedules import FRESHNESS_JOBS, REFRESH_JOBS, SCHEDULES
 from marketdata_pipeline.defs.sensors import backfill_status_sensor, symbol_registry_sensor
@@ -18,7 +17,6 @@ from marketdata_pipeline.defs.sensors import backfill_status_sensor, symbol_regi
 def defs() -> dg.Definitions:
     return dg.Definitions(
         assets=bars_assets,
-        asset_checks=list(FRESHNESS_CHECKS.values()),
         jobs=[*REFRESH_JOBS.values(), *FRESHNESS_JOBS.values(), *admin_jobs],
         schedules=SCHEDULES,
         sensors=[symbol_registry_sensor, backfill_status_sensor, *alert_sensors],

@@ -27,8 +27,7 @@ from marketdata_pipeline.alerts import Alert, AlertKind
 from marketdata_pipeline.config import AlertSettings, SmtpSettings
 from marketdata_pipeline.defs.admin_jobs import remove_symbol
 from marketdata_pipeline.defs.alerting import check_alerts, failed_bars_run_alerts, warehouse_alerts
-from marketdata_pipeline.defs.assets import bars_assets
-from marketdata_pipeline.defs.checks import FRESHNESS_CHECKS
+from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, bars_assets
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
@@ -54,7 +53,7 @@ ALERT_VARIABLES = (
     "MARKETDATA_UI_URL",
 )
 ASSETS = {a.key.path[-1]: a for a in bars_assets}
-FRESHNESS = {spec.name: check for spec, check in FRESHNESS_CHECKS.items()}
+FRESHNESS = {spec.name: spec.freshness_check_key for spec in ALL_BARS_ASSETS}
 
 TICKS: list[str] = []  # what every sensor evaluation of this module said
 # Alerts the receivers got, per kind, over this module's tests; the last test prints them.
@@ -217,11 +216,10 @@ def materialize(
 
 def run_freshness(instance: dg.DagsterInstance, asset: str) -> bool:
     """Run the asset's freshness check alone, as its schedule does; True if it passed."""
-    check = FRESHNESS[asset]
     result = dg.materialize(
-        [ASSETS[asset], check],
+        [ASSETS[asset]],
         instance=instance,
-        selection=dg.AssetSelection.checks(check),
+        selection=dg.AssetSelection.checks(FRESHNESS[asset]),
         resources={"warehouse": WarehouseResource(), "polygon": PolygonResource()},
     )
     [evaluation] = result.get_asset_check_evaluations()

@@ -15,7 +15,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from marketdata_pipeline.defs.assets import BarsAsset, bars_assets
+from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, BarsAsset, bars_assets
 from marketdata_pipeline.defs.checks import stale_symbols
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.domain import BAR_SCHEMA, Market, Timeframe, Window, next_month
@@ -383,9 +383,36 @@ def test_freshness_lists_symbols_behind_the_last_complete_session(warehouse_url)
             "('AAPL', '2024-03-12 04:00Z', 1, 2, 1, 1.5, 10, NULL, NULL), "
             "('MSFT', '2024-03-08 05:00Z', 1, 2, 1, 1.5, 10, NULL, NULL)"
         )
-        expected, stale = stale_symbols(conn, spec, now)
+        expected, stale = stale_symbols(conn, spec.market, spec.timeframe, now)
     assert expected == "2024-03-12"
     assert "AAPL" not in stale
     assert stale["MSFT"] == "2024-03-08"
     assert stale["NVDA"] == "no bars"
     assert len(stale) == 16
+
+
+def test_freshness_is_evaluated_with_the_bars_or_alone_never_skipped(
+    warehouse_url, sim, server, instance
+) -> None:
+    spec = next(s for s in ALL_BARS_ASSETS if s.name == "stock_daily_bars")
+    with db.connection(warehouse_url) as conn:
+        bootstrap(conn)  # the default symbols, AAPL among them
+    # Everything selected, as the UI's Materialize does: the bars, then the freshness check.
+    result = materialize(instance, server, spec.name, key="2024-01-01|AAPL")
+    assert result.success
+    assert {e.check_name for e in result.get_asset_check_evaluations()} == {
+        "rejection_rate", "missing_sessions", "freshness"
+    }  # fmt: skip
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_SKIPPED"]
+    # The check alone, as its schedule runs it: no bars fetched, nothing materialized.
+    sim.requests.clear()
+    alone = dg.materialize(
+        [ASSETS[spec.name]],
+        instance=instance,
+        selection=dg.AssetSelection.checks(spec.freshness_check_key),
+        resources={"warehouse": WarehouseResource(), "polygon": PolygonResource()},
+    )
+    [evaluation] = alone.get_asset_check_evaluations()
+    assert evaluation.check_name == "freshness" and not evaluation.passed  # 2024 is long ago
+    assert "AAPL (2024-01-31)" in str(evaluation.metadata["stale"].value)
+    assert not alone.get_asset_materialization_events() and not sim.requests

@@ -9,7 +9,6 @@ import dagster as dg
 import pytest
 
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, bars_assets
-from marketdata_pipeline.defs.checks import FRESHNESS_CHECKS
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.schedules import (
     FRESHNESS_JOBS,
@@ -120,11 +119,10 @@ def test_the_weekly_pass_reloads_the_weeks_months_whole() -> None:
 
 
 def test_freshness_runs_on_its_own_schedule_and_never_in_a_bars_run() -> None:
-    freshness = {key for check in FRESHNESS_CHECKS.values() for key in check.check_keys}
+    freshness = {spec.freshness_check_key for spec in ALL_BARS_ASSETS}
     with dg.instance_for_test():  # resolving reads the current instance
         graph = dg.Definitions(
             assets=bars_assets,
-            asset_checks=list(FRESHNESS_CHECKS.values()),
             jobs=[*REFRESH_JOBS.values(), *FRESHNESS_JOBS.values()],
             resources={"warehouse": WarehouseResource(), "polygon": PolygonResource()},
         ).resolve_asset_graph()

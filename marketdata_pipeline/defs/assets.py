@@ -12,6 +12,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from marketdata_pipeline.defs.checks import FRESHNESS, FRESHNESS_DESCRIPTION, freshness_result
 from marketdata_pipeline.defs.partitions import bars_partitions, month_and_symbol, partition_key
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.domain import Market, Timeframe, Window
@@ -161,9 +162,13 @@ class BarsAsset:
     def key(self) -> dg.AssetKey:
         return dg.AssetKey(self.name)
 
+    @property
+    def freshness_check_key(self) -> dg.AssetCheckKey:
+        return dg.AssetCheckKey(self.key, FRESHNESS)
+
     def own_check_keys(self) -> list[dg.AssetCheckKey]:
-        """The checks a run of this asset evaluates (not the warehouse-wide freshness)."""
-        return [spec.key for spec in self.check_specs()]
+        """The checks of the run's own loads (not the warehouse-wide freshness)."""
+        return [s.key for s in self.check_specs() if s.key != self.freshness_check_key]
 
     def check_specs(self) -> list[dg.AssetCheckSpec]:
         days_description = (
@@ -181,6 +186,9 @@ class BarsAsset:
                 f"{MAX_REJECTION_RATE:.0%} of its bars.",
             ),
             dg.AssetCheckSpec(self.days_check, asset=self.name, description=days_description),
+            dg.AssetCheckSpec(
+                FRESHNESS, asset=self.name, description=FRESHNESS_DESCRIPTION, blocking=False
+            ),
         ]
 
 
@@ -225,22 +233,29 @@ class BarsRunConfig(dg.Config):
 
 
 def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
-    @dg.asset(
+    # A multi-asset that can be subset, so its freshness check runs alone (a run of only that
+    # check) as well as after the bars, and is never a skipped step.
+    @dg.multi_asset(
         name=spec.name,
-        description=spec.description,
+        specs=[
+            dg.AssetSpec(
+                spec.key,
+                description=spec.description,
+                freshness_policy=spec.freshness_policy,
+                kinds={"polygon", "polars", "postgres"},
+                group_name=GROUP,
+                owners=OWNERS,
+                metadata={
+                    "dagster/column_schema": COLUMN_SCHEMA,
+                    "dagster/table_name": spec.timeframe.table,
+                },
+            )
+        ],
         partitions_def=spec.partitions,
         backfill_policy=dg.BackfillPolicy.multi_run(MAX_PARTITIONS_PER_RUN),
         pool="polygon",
-        freshness_policy=spec.freshness_policy,
-        kinds={"polygon", "polars", "postgres"},
-        group_name=GROUP,
-        owners=OWNERS,
         check_specs=spec.check_specs(),
-        output_required=False,
-        metadata={
-            "dagster/column_schema": COLUMN_SCHEMA,
-            "dagster/table_name": spec.timeframe.table,
-        },
+        can_subset=True,
     )
     def bars_asset(
         context: dg.AssetExecutionContext,
@@ -248,10 +263,20 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
         polygon: PolygonResource,
         warehouse: WarehouseResource,
     ) -> Iterator[dg.AssetMaterialization | dg.AssetObservation | dg.AssetCheckResult]:
-        run = _Run(context, spec, config, polygon)
-        yield from run.materialize(warehouse)
-        yield from _check_results(spec, list(run.summaries.values()))
-        run.raise_failures()
+        run = None
+        if spec.key in context.selected_asset_keys:
+            run = _Run(context, spec, config, polygon)
+            yield from run.materialize(warehouse)
+            selected = {key.name for key in context.selected_asset_check_keys}
+            for result in _check_results(spec, list(run.summaries.values())):
+                if result.check_name in selected:
+                    yield result
+        if spec.freshness_check_key in context.selected_asset_check_keys:
+            with warehouse.connection() as conn:
+                now = datetime.now(UTC)
+                yield freshness_result(conn, spec.key, spec.market, spec.timeframe, now)
+        if run:
+            run.raise_failures()
 
     return bars_asset
 
@@ -486,12 +511,13 @@ def _check_results(spec: BarsAsset, summaries: list[_Summary]) -> Iterator[dg.As
     worst_rate = rejection_rate(worst.loaded, worst.rejected) if worst else 0.0
     total_rejected = sum(s.rejected for s in summaries)
     yield dg.AssetCheckResult(
+        asset_key=spec.key,
         check_name="rejection_rate",
         passed=worst_rate <= MAX_REJECTION_RATE,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
             "worst_rate": _ratio(worst_rate if worst else None, 6),
-            "worst_partition": f"{worst.month}|{worst.symbol}" if worst else "(none)",
+            "worst_partition": f"{worst.month}|{worst.symbol}" if worst and worst_rate else "-",
             "threshold": MAX_REJECTION_RATE,
             "rows_rejected": total_rejected,
             "partitions": len(summaries),
@@ -501,6 +527,7 @@ def _check_results(spec: BarsAsset, summaries: list[_Summary]) -> Iterator[dg.As
     expected = sum(s.coverage.expected_bars for s in summaries)
     present = sum(s.coverage.bars for s in summaries)
     yield dg.AssetCheckResult(
+        asset_key=spec.key,
         check_name=spec.days_check,
         passed=spec.timeframe is Timeframe.MINUTE or not missing,
         severity=dg.AssetCheckSeverity.WARN,

@@ -1,29 +1,34 @@
-"""Asset checks that read the warehouse rather than one run: freshness of the latest bar."""
+"""The freshness check: reads the warehouse, not a run, so it runs on its own schedule (and
+at the end of a bars run that selects it)."""
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 import dagster as dg
 import psycopg
 from psycopg import sql
 
-from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, BarsAsset
-from marketdata_pipeline.defs.resources import WarehouseResource
+from marketdata_pipeline.domain import Market, Timeframe
 from marketdata_pipeline.quality.calendars import last_complete_session
 from marketdata_pipeline.registry.symbols import active_symbols
 
 FRESHNESS = "freshness"
+FRESHNESS_DESCRIPTION = (
+    "Warns when an active symbol's latest bar is older than the last complete session "
+    "(stocks, NYSE calendar) or UTC day (crypto). Reads the warehouse: runs on its own "
+    "schedule, an hour after the nightly refresh starts, and on demand."
+)
 
 
 def stale_symbols(
-    conn: psycopg.Connection, spec: BarsAsset, now: datetime
+    conn: psycopg.Connection, market: Market, timeframe: Timeframe, now: datetime
 ) -> tuple[str, dict[str, str]]:
     """The expected latest day, and each active symbol whose latest bar is older than it."""
-    symbols = active_symbols(conn, spec.market)
-    expected = last_complete_session(spec.market, now)
+    symbols = active_symbols(conn, market)
+    expected = last_complete_session(market, now)
     latest: dict[str, datetime] = dict(
         conn.execute(
             sql.SQL("SELECT symbol, max(ts) FROM {} WHERE symbol = ANY(%s) GROUP BY symbol").format(
-                sql.Identifier(spec.timeframe.table)
+                sql.Identifier(timeframe.table)
             ),
             (symbols,),
         ).fetchall()
@@ -31,36 +36,24 @@ def stale_symbols(
     stale = {}
     for symbol in symbols:
         last = latest.get(symbol)
-        day = last.astimezone(spec.market.zone).date() if last else None
+        day = last.astimezone(market.zone).date() if last else None
         if day is None or day < expected:
             stale[symbol] = str(day) if day else "no bars"
     return str(expected), stale
 
 
-def build_freshness_check(spec: BarsAsset) -> dg.AssetChecksDefinition:
-    @dg.asset_check(
-        asset=spec.name,
-        name=FRESHNESS,
-        description="Warns when an active symbol's latest bar is older than the last complete "
-        "session (stocks, NYSE calendar) or UTC day (crypto).",
-        blocking=False,
+def freshness_result(
+    conn: psycopg.Connection, key: dg.AssetKey, market: Market, timeframe: Timeframe, now: datetime
+) -> dg.AssetCheckResult:
+    expected, stale = stale_symbols(conn, market, timeframe, now)
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=FRESHNESS,
+        passed=not stale,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "expected_latest_day": expected,
+            "stale_symbols": len(stale),
+            "stale": ", ".join(f"{s} ({d})" for s, d in sorted(stale.items())[:40]) or "none",
+        },
     )
-    def freshness(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        with warehouse.connection() as conn:
-            expected, stale = stale_symbols(conn, spec, datetime.now(UTC))
-        return dg.AssetCheckResult(
-            passed=not stale,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "expected_latest_day": expected,
-                "stale_symbols": len(stale),
-                "stale": ", ".join(f"{s} ({d})" for s, d in sorted(stale.items())[:40]) or "none",
-            },
-        )
-
-    return freshness
-
-
-FRESHNESS_CHECKS: dict[BarsAsset, dg.AssetChecksDefinition] = {
-    spec: build_freshness_check(spec) for spec in ALL_BARS_ASSETS
-}

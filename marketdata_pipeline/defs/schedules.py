@@ -13,7 +13,6 @@ from marketdata_pipeline.defs.assets import (
     BarsAsset,
     BarsRunConfig,
 )
-from marketdata_pipeline.defs.checks import FRESHNESS_CHECKS
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.quality.calendars import last_complete_session, refresh_months
 
@@ -23,7 +22,7 @@ REFRESH_JOBS = {
         selection=dg.AssetSelection.assets(
             *(spec.key for spec in ALL_BARS_ASSETS if spec.market is market)
         )
-        - dg.AssetSelection.checks(*FRESHNESS_CHECKS.values()),
+        - dg.AssetSelection.checks(*(spec.freshness_check_key for spec in ALL_BARS_ASSETS)),
         description=f"Daily and minute {market} bars of the given partitions.",
     )
     for market in Market
@@ -32,7 +31,7 @@ FRESHNESS_JOBS = {
     market: dg.define_asset_job(
         f"{market}_bars_freshness",
         selection=dg.AssetSelection.checks(
-            *(check for spec, check in FRESHNESS_CHECKS.items() if spec.market is market)
+            *(spec.freshness_check_key for spec in ALL_BARS_ASSETS if spec.market is market)
         ),
         description=f"The freshness checks of the {market} bars: reads the warehouse only.",
     )
