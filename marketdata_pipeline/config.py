@@ -78,7 +78,7 @@ DEFAULT_SYMBOLS: tuple[SeedSymbol, ...] = (
         SeedSymbol(s, AssetClass.STOCK)
         for s in (
             *("AAPL", "MSFT", "GOOGL", "AMZN", "NVDA", "TSLA", "META", "NFLX"),
-            *("AMD", "INTC", "PYPL", "SQ", "ROKU", "MSTR", "SOFI"),
+            *("AMD", "INTC", "PYPL", "XYZ", "ROKU", "MSTR", "SOFI"),  # Block: XYZ since 2025-01
         )
     ),
     *(SeedSymbol(s, AssetClass.ETF) for s in ("SPY", "QQQ")),

@@ -416,3 +416,11 @@ def test_freshness_is_evaluated_with_the_bars_or_alone_never_skipped(
     assert evaluation.check_name == "freshness" and not evaluation.passed  # 2024 is long ago
     assert "AAPL (2024-01-31)" in str(evaluation.metadata["stale"].value)
     assert not alone.get_asset_materialization_events() and not sim.requests
+
+
+def test_a_run_without_partitions_fails_in_one_line(warehouse_url, sim, server, instance) -> None:
+    result = materialize(instance, server, "stock_daily_bars")
+    assert not result.success
+    message = step_failure(result)
+    assert "Failure: stock_daily_bars: choose partitions (months x symbols)" in message
+    assert not sim.requests

@@ -38,7 +38,7 @@ def test_bootstrap_fresh_then_again_changes_nothing(database_url: str) -> None:
     assert stored == [("admin", hashlib.sha256(keys[0].encode()).hexdigest())]
     assert keys[0] not in dump, "only the hash is stored"
     assert symbols == {s.symbol: s.asset_class for s in DEFAULT_SYMBOLS}
-    assert symbols["SPY"] == "etf" and symbols["BTC"] == "crypto" and symbols["SQ"] == "stock"
+    assert symbols["SPY"] == "etf" and symbols["BTC"] == "crypto" and symbols["XYZ"] == "stock"
 
     second = run_cli("bootstrap", env=env)
     assert second.returncode == 0, second.stderr

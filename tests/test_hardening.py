@@ -195,11 +195,11 @@ def test_concurrent_cli_adds_print_one_line(url: str) -> None:
 
 def test_reactivating_concurrently_is_also_one_already_exists(url: str) -> None:
     with db.connection(url) as conn:
-        registry.remove(conn, "SQ")
+        registry.remove(conn, "XYZ")
 
     def add() -> registry.TrackedSymbol:
         with db.connection(url) as conn:
-            return registry.add(conn, "SQ", AssetClass.STOCK)
+            return registry.add(conn, "XYZ", AssetClass.STOCK)
 
     results = in_threads(2, add)
     assert sorted(type(r).__name__ for r in results) == ["AlreadyExists", "TrackedSymbol"]
@@ -316,7 +316,13 @@ def test_password_with_unencoded_at_or_slash_never_shows(database_url: str, pass
 def test_ambiguous_url_is_refused_before_connecting_and_well_formed_ones_pass() -> None:
     with pytest.raises(ConfigError, match="ambiguous"):
         db.connect("postgresql://user:p@ss/w0rd@127.0.0.1:5999/db")
-    assert db.describe("postgresql://user:p%40ss%2Fw0rd@127.0.0.1:5999/db") == "127.0.0.1:5999"
-    assert db.describe("postgresql://user:pa:ss@db.internal/wh") == "db.internal:5432"
-    assert db.describe("postgresql:///wh?host=/run/postgresql") == "socket /run/postgresql"
+    assert (
+        db.describe("postgresql://user:p%40ss%2Fw0rd@127.0.0.1:5999/db")
+        == "127.0.0.1:5999, database db"
+    )
+    assert db.describe("postgresql://user:pa:ss@db.internal/wh") == "db.internal:5432, database wh"
+    assert (
+        db.describe("postgresql:///wh?host=/run/postgresql")
+        == "socket /run/postgresql, database wh"
+    )
     assert db.describe("host=db.internal port=6000 password=a@b/c") == "db.internal:6000"

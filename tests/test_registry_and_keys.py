@@ -82,8 +82,9 @@ def test_stats_count_bars_rejects_and_calendar_gaps(url: str) -> None:
     assert daily.validation_rate == pytest.approx(0.75)
     minute = next(s for s in per_timeframe if s.timeframe == Timeframe.MINUTE)
     assert minute.bars == 0 and minute.validation_rate is None, "no rate over zero bars"
+    assert minute.missing_days is None, "no gaps measured without bars"
     # Jul 3 and 5 were sessions (the 4th a holiday, 6-7 a weekend).
-    assert [str(d) for d in daily.missing_days] == ["2024-07-03", "2024-07-05"]
+    assert [str(d) for d in daily.missing_days or ()] == ["2024-07-03", "2024-07-05"]
 
 
 def test_api_key_lifecycle_and_audit(url: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime
@@ -75,10 +76,10 @@ def test_registry_sensor_adds_removes_and_backfills_new_symbols(url, instance) -
     assert not again.run_requests and not again.dynamic_partitions_requests
 
     with db.connection(url) as conn:
-        registry.remove(conn, "SQ")
+        registry.remove(conn, "XYZ")
         registry.add(conn, "DOGE", AssetClass.CRYPTO)
     changed = sync(instance)
-    assert "SQ" not in instance.get_dynamic_partitions("stock_symbols")
+    assert "XYZ" not in instance.get_dynamic_partitions("stock_symbols")
     assert "DOGE" in instance.get_dynamic_partitions("crypto_symbols")
     new_runs = changed.run_requests or []
     assert {r.job_name for r in new_runs} == {"crypto_bars_refresh"}
@@ -89,6 +90,19 @@ def test_registry_sensor_adds_removes_and_backfills_new_symbols(url, instance) -
     tags = new_runs[0].tags
     assert tags["dagster/asset_partition_range_start"] == "2020-01-01|DOGE"
     assert tags["dagster/asset_partition_range_end"].endswith("|DOGE")
+
+    removed = sync(instance)  # nothing changed since: the tick says so
+    assert removed.skip_reason == dg.SkipReason("partitions already match the registry")
+    with db.connection(url) as conn:
+        registry.remove(conn, "DOGE")
+    gone = sync(instance)
+    assert gone.skip_reason == dg.SkipReason("partitions removed {'crypto_symbols': ['DOGE']}")
+    time.sleep(1.1)  # a registration is named by its second
+    with db.connection(url) as conn:
+        registry.add(conn, "DOGE", AssetClass.CRYPTO)
+    back = sync(instance).run_requests or []
+    assert len(back) == 2, "a symbol added again is backfilled again"
+    assert not {r.run_key for r in back} & {r.run_key for r in new_runs}
 
 
 def state_rows(url: str) -> list[tuple]:
@@ -130,9 +144,11 @@ def test_status_sensor_after_success_failure_and_ranged_runs_twice(
 
     cursor = evaluate_status_sensor(instance)  # first tick: sees the runs before it
     said = re.fullmatch(
-        r"6 run event\(s\) read, 6 of bars runs: (\d+) backfill row\(s\) written", TICKS[-1]
-    )
-    assert said and int(said.group(1)) >= 5, f"the tick says what it did: {TICKS[-1]}"
+        r"6 run event\(s\) read, 6 with window states: 10 window state\(s\) and (\d+) "
+        r"symbol status\(es\) written",
+        TICKS[-1],
+    )  # a start and an end for each of 1 + 3 + 1 windows
+    assert said and int(said.group(1)) >= 3, f"the tick says what it did: {TICKS[-1]}"
     rows = state_rows(url)
     by_window = {(r[0], r[1], str(r[2])): r for r in rows}
     assert len(rows) == 1 + 3 + 1

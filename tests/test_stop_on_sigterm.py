@@ -13,7 +13,7 @@ import pytest
 
 from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse import migrations
-from tests.conftest import PROJECT_DIR
+from tests.conftest import PROJECT_DIR, free_port
 
 # The run worker of `dagster api execute_run` maps SIGTERM to SIGINT's handler before it
 # runs the job; this child does the same, then materializes two years of one symbol against a
@@ -74,3 +74,42 @@ def test_a_run_stops_within_seconds_of_sigterm(database_url: str) -> None:
     print(f"stopped {stopped_after:.1f} s after SIGTERM")
     assert stopped_after < 8, err[-2000:]
     assert "finished True" not in out, "it stopped, it did not run to the end"
+
+
+@pytest.mark.slow
+def test_the_ui_stopped_by_sigterm_stops_dagster_and_its_embedded_server(tmp_path) -> None:
+    """A service manager's stop (SIGTERM to the `marketdata ui` process alone) shuts the UI
+    down as Ctrl-C does: dagster dev ends, the embedded PostgreSQL it started stops."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "DATABASE_"))}
+    env |= {"MARKETDATA_HOME": str(home), "DAGSTER_HOME": ""}
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "marketdata_pipeline", "ui", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its processes are the session's: none may be left
+    )
+    assert ui.stdout is not None
+    said = []
+    for line in ui.stdout:
+        said.append(line)
+        if line.startswith("Dagster UI:"):
+            break
+    assert any(line.startswith("Dagster UI:") for line in said), "".join(said)
+    time.sleep(5)  # dagster dev starts its webserver and daemon
+    assert (home / "pgdata" / "postmaster.pid").exists()
+    ui.send_signal(signal.SIGTERM)
+    rest, _ = ui.communicate(timeout=90)
+    assert ui.returncode == 0, "".join(said) + rest
+    assert "embedded PostgreSQL stopped" in rest
+    assert not (home / "pgdata" / "postmaster.pid").exists()
+    assert not (home / "ui.json").exists()
+    time.sleep(1)
+    leftover = subprocess.run(
+        ["pgrep", "-a", "-s", str(ui.pid)], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    alive = [line for line in leftover if "<defunct>" not in line]  # exited, not yet reaped
+    assert not alive, f"processes left: {alive}"

@@ -34,7 +34,9 @@ def stats_command(symbol: str) -> None:
     )  # fmt: skip
 
 
-def _missing(days: list[date]) -> str:
+def _missing(days: list[date] | None) -> str:
+    if days is None:
+        return "-"
     if not days:
         return "0"
     shown = ", ".join(map(str, days[:5])) + (", ..." if len(days) > 5 else "")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,18 +68,20 @@ def ui_command(port: int) -> None:
             f"While it runs, `marketdata` commands with MARKETDATA_HOME="
             f"{config.marketdata_home()} use the {database} database; psql: {url}"
         )
+    dagster = subprocess.Popen(
+        [
+            sys.executable, "-m", "dagster", "dev",
+            "-w", str(config.shipped_path("workspace.yaml")),
+            "-h", "127.0.0.1", "-p", str(port),
+        ],
+        cwd=dagster_home,
+    )  # fmt: skip
+    # A service manager stops the UI with SIGTERM: shut down as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        subprocess.run(
-            [
-                sys.executable, "-m", "dagster", "dev",
-                "-w", str(config.shipped_path("workspace.yaml")),
-                "-h", "127.0.0.1", "-p", str(port),
-            ],
-            cwd=dagster_home,
-            check=False,
-        )  # fmt: skip
+        dagster.wait()
     except KeyboardInterrupt:
-        pass
+        _stop(dagster)
     finally:
         if server:
             server.shutdown()
@@ -86,6 +89,23 @@ def ui_command(port: int) -> None:
         if started_embedded:
             embedded.stop(by_ui=True)
             click.echo("embedded PostgreSQL stopped")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(dagster: subprocess.Popen[bytes]) -> None:
+    """Let `dagster dev` stop its webserver and daemon: Ctrl-C reached it too; a SIGTERM
+    sent to this process alone did not, so it is passed on."""
+    try:
+        dagster.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        dagster.terminate()
+        try:
+            dagster.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            dagster.kill()
 
 
 def _dagster_instance(url: str, simulated: bool) -> Path:

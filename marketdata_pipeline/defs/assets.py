@@ -143,10 +143,12 @@ class BarsAsset:
             f"split-adjusted, in `{self.timeframe.table}`.\n\n"
             "Each partition is one symbol's month. Materializing it fetches the month from "
             "Polygon, validates every bar (Pandera, polars) and replaces the month in the "
-            "warehouse exactly, in one transaction. Bars that break a hard rule (OHLC order, "
-            "non-positive or non-finite prices, negative volume, repeated or out-of-window "
-            "timestamps, vwap outside [low, high]) are quarantined in `bars_rejected` with "
-            "their reasons; soft rules (zero volume, price jumps, volume spikes) only flag."
+            "warehouse exactly, in one transaction; the nightly refresh (config "
+            "`new_days_only`) fetches and replaces only the days since the latest stored bar. "
+            "Bars that break a hard rule (OHLC order, non-positive or non-finite prices, "
+            "negative volume, repeated or out-of-window timestamps, vwap outside [low, high]) "
+            "are quarantined in `bars_rejected` with their reasons; soft rules (zero volume, "
+            "price jumps, volume spikes) only flag."
         )
 
     @property
@@ -307,6 +309,11 @@ class _Run:
         spec, context = self.spec, self.context
         if self.polygon.simulated:
             context.log.warning(f"SIMULATED DATA: bars come from {self.source}, not from Polygon")
+        if not (context.has_partition_key or context.has_partition_key_range):
+            raise dg.Failure(
+                f"{spec.name}: choose partitions (months x symbols) to load; a run without "
+                "partitions has nothing to fetch"
+            )
         months = months_by_symbol(spec, context.partition_keys)
         with self.polygon.client(warehouse.url()) as client, warehouse.connection() as conn:
             if self.config.new_days_only:

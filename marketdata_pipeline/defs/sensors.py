@@ -62,7 +62,7 @@ def partition_changes(
     return adds, deletes, added
 
 
-def history_backfill(market: Market, symbol: str) -> list[dg.RunRequest]:
+def history_backfill(market: Market, symbol: str, registered: datetime) -> list[dg.RunRequest]:
     """One ranged run per bars asset of the symbol's market, over the whole history."""
     keys = months().get_partition_keys()
     return [
@@ -70,7 +70,8 @@ def history_backfill(market: Market, symbol: str) -> list[dg.RunRequest]:
             spec,
             [keys[0], keys[-1]],
             [symbol],
-            run_key=f"history|{spec.name}|{symbol}",
+            # Once per registration: a symbol removed and added again is backfilled again.
+            run_key=f"history|{spec.name}|{symbol}|{registered:%Y-%m-%dT%H:%M:%S}",
             trigger="new symbol",
         )
         for spec in ALL_BARS_ASSETS
@@ -96,17 +97,22 @@ def symbol_registry_sensor(
         run
         for market, symbols in added.items()
         for symbol in symbols
-        for run in history_backfill(market, symbol)
+        for run in history_backfill(market, symbol, datetime.now(UTC))
     ]
     if adds or deletes:
         context.log.info(
             f"partitions: added {_by_dimension(added)}, "
             f"removed {[d.partition_keys for d in deletes]}"
         )
+    changes = f"partitions added {_by_dimension(added)}" if added else ""
+    if deletes:
+        removed = {d.partitions_def_name: list(d.partition_keys) for d in deletes}
+        changes += ("; " if changes else "") + f"partitions removed {removed}"
     return dg.SensorResult(
         run_requests=runs,
         dynamic_partitions_requests=[*adds, *deletes],
-        skip_reason=None if adds or deletes else "partitions already match the registry",
+        # A tick that requests runs is shown with them; one that does not, with its words.
+        skip_reason=None if runs else changes or "partitions already match the registry",
     )
 
 
@@ -237,7 +243,8 @@ def _loaded_windows(
             continue
         metadata = materialization.metadata
         loaded[(materialization.asset_key.to_user_string(), materialization.partition)] = (
-            _int(metadata.get("rows_loaded")),
+            # The rows the month holds: a night loads only some of its days.
+            _int(metadata.get("dagster/row_count")),
             _int(metadata.get("rows_rejected")),
         )
     return loaded
@@ -315,13 +322,14 @@ def backfill_status_sensor(
     if not events:
         return dg.SkipReason("no new bars runs")
     events.sort(key=lambda r: r.storage_id)
-    written = of_bars_runs = skipped = 0
+    windows = symbols = of_bars_runs = skipped = 0
     with warehouse.connection() as conn:
         for record in events:
             try:
                 states = window_states(context.instance, record.event_log_entry)
                 if states:
-                    written += backfill_state.record(conn, states)
+                    changed = backfill_state.record(conn, states)
+                    windows, symbols = windows + changed[0], symbols + changed[1]
                     of_bars_runs += 1
             except Exception as error:  # an odd run must never stop the sensor
                 skipped += 1
@@ -330,6 +338,7 @@ def backfill_status_sensor(
     context.update_cursor(str(newest if safe_until is None else min(newest, safe_until)))
     # The UI files a tick without run requests under "skipped"; its text says what it did.
     return dg.SkipReason(
-        f"{len(events)} run event(s) read, {of_bars_runs} of bars runs: {written} backfill "
-        "row(s) written" + (f", {skipped} event(s) could not be read" if skipped else "")
+        f"{len(events)} run event(s) read, {of_bars_runs} with window states: {windows} window "
+        f"state(s) and {symbols} symbol status(es) written"
+        + (f", {skipped} event(s) could not be read" if skipped else "")
     )

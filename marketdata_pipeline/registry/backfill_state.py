@@ -82,8 +82,9 @@ def expected_windows(today: date | None = None) -> int:
 
 def record(
     conn: psycopg.Connection, states: Iterable[WindowState], expected: int | None = None
-) -> int:
-    """Write window states and roll them up onto their symbols; returns rows changed.
+) -> tuple[int, int]:
+    """Write window states and roll them up onto their symbols; returns the window rows and
+    the symbol rows changed.
 
     A symbol is `completed` only when all `expected` windows of its history (default: its
     whole history, `expected_windows()`) are completed or unavailable (beyond the provider's
@@ -91,18 +92,18 @@ def record(
     `in_progress` or `failed` when any window is.
     """
     states = list(states)
-    changed = 0
+    windows = 0
     with conn.transaction():
         for state in states:
-            changed += conn.execute(_UPSERT, state.__dict__).rowcount
-        changed += conn.execute(
+            windows += conn.execute(_UPSERT, state.__dict__).rowcount
+        symbols = conn.execute(
             _ROLLUP,
             {
                 "symbols": sorted({s.symbol for s in states}),
                 "expected": expected_windows() if expected is None else expected,
             },
         ).rowcount
-    return changed
+    return windows, symbols
 
 
 @dataclass(frozen=True)

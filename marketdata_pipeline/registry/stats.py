@@ -20,7 +20,8 @@ class TimeframeStats:
     first_bar: datetime | None
     last_bar: datetime | None
     rejected: int
-    missing_days: list[date]  # sessions (stocks) or days (crypto) without a bar
+    missing_days: list[date] | None  # sessions (stocks) or days (crypto) without a bar
+    # between the first and the last; None without bars (nothing to measure between)
 
     @property
     def validation_rate(self) -> float | None:
@@ -48,7 +49,7 @@ def stats(conn: psycopg.Connection, symbol: str) -> tuple[TrackedSymbol, list[Ti
             "SELECT count(*) FROM bars_rejected WHERE timeframe = %s AND symbol = %s",
             (timeframe, tracked.symbol),
         ).fetchone()
-        missing: list[date] = []
+        missing: list[date] | None = None
         if per_day:
             first_day, last_day = min(per_day), max(per_day)
             expected = expected_days(market, first_day, last_day, last_day + timedelta(days=1))

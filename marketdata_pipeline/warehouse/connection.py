@@ -64,7 +64,8 @@ def describe(url: str) -> str:
         raise ConfigError("DATABASE_URL is not a valid PostgreSQL connection URL") from None
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
-    return f"{host}:{port}" if not str(host).startswith("/") else f"socket {host}"
+    where = f"{host}:{port}" if not str(host).startswith("/") else f"socket {host}"
+    return f"{where}, database {params['dbname']}" if params.get("dbname") else where
 
 
 def _reason(error: psycopg.OperationalError) -> str:
