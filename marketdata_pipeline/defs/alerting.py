@@ -14,6 +14,7 @@ from marketdata_pipeline.alerts import Alert, AlertKind
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS
 from marketdata_pipeline.defs.checks import FRESHNESS
 from marketdata_pipeline.defs.resources import WarehouseResource
+from marketdata_pipeline.defs.sensors import run_status_events
 
 BARS_ASSET_KEYS = frozenset(dg.AssetKey(spec.name) for spec in ALL_BARS_ASSETS)
 FINISHED_RUN_EVENTS: tuple[
@@ -28,7 +29,6 @@ FINISHED_RUN_EVENTS: tuple[
     dg.DagsterEventType.RUN_FAILURE,
     dg.DagsterEventType.RUN_CANCELED,
 )
-RUNS_PER_TICK = 200
 METADATA_SHOWN = 6
 
 
@@ -125,28 +125,6 @@ def _latest_finished_run_event(instance: dg.DagsterInstance) -> int:
     return latest
 
 
-def _finished_runs(instance: dg.DagsterInstance, after: int) -> tuple[list[str], int]:
-    """Ids of the runs that finished after the storage id `after`, in order, and the storage
-    id the next tick starts after."""
-    events: list[dg.EventLogRecord] = []
-    safe_until = None
-    for kind in FINISHED_RUN_EVENTS:
-        records = instance.fetch_run_status_changes(
-            dg.RunStatusChangeRecordsFilter(event_type=kind, after_storage_id=after),
-            limit=RUNS_PER_TICK,
-            ascending=True,
-        ).records
-        events += records
-        if len(records) == RUNS_PER_TICK:  # more of this kind wait beyond its last id
-            last = records[-1].storage_id
-            safe_until = last if safe_until is None else min(safe_until, last)
-    if safe_until is not None:
-        events = [event for event in events if event.storage_id <= safe_until]
-    events.sort(key=lambda event: event.storage_id)
-    newest = events[-1].storage_id if events else after
-    return [event.event_log_entry.run_id for event in events], newest
-
-
 def _metadata_text(evaluation: dg.AssetCheckEvaluation) -> str:
     shown = [
         f"{name}: {str(getattr(value, 'value', value))[:200]}"
@@ -194,7 +172,8 @@ def check_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
         return dg.SkipReason("started: check results of runs finishing from now on are alerted")
     state = json.loads(context.cursor)
     stale: set[str] = set(state["stale"])
-    run_ids, newest = _finished_runs(context.instance, state["after"])
+    events, newest = run_status_events(context.instance, FINISHED_RUN_EVENTS, state["after"])
+    run_ids = [event.event_log_entry.run_id for event in events]
     if not run_ids:
         return dg.SkipReason("no run finished since the last tick")
     settings = config.alert_settings()

@@ -136,6 +136,30 @@ RUN_EVENTS: tuple[
 EVENTS_PER_TICK = 200
 
 
+def run_status_events(
+    instance: dg.DagsterInstance, kinds: Sequence[dg.DagsterEventType], after: int
+) -> tuple[list[dg.EventLogRecord], int]:
+    """Run status events of `kinds` after the storage id `after`, in order, at most
+    EVENTS_PER_TICK of each kind, and the storage id to read after next: none is skipped and
+    none is read twice, however the kinds interleave."""
+    events: list[dg.EventLogRecord] = []
+    safe_until = None
+    for kind in kinds:
+        records = instance.fetch_run_status_changes(
+            dg.RunStatusChangeRecordsFilter(event_type=kind, after_storage_id=after),  # type: ignore[arg-type]
+            limit=EVENTS_PER_TICK,
+            ascending=True,
+        ).records
+        events += records
+        if len(records) == EVENTS_PER_TICK:  # more of this kind wait beyond its last id
+            last = records[-1].storage_id
+            safe_until = last if safe_until is None else min(safe_until, last)
+    if safe_until is not None:
+        events = [event for event in events if event.storage_id <= safe_until]
+    events.sort(key=lambda event: event.storage_id)
+    return events, events[-1].storage_id if events else after
+
+
 def run_partitions(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dict[str, Sequence[str]]:
     """Bars asset -> the partition keys the run targets (single key or a range); {} if none."""
     selected = [key.to_user_string() for key in run.asset_selection or ()]
@@ -306,22 +330,11 @@ def _utc(timestamp: float) -> datetime:
 def backfill_status_sensor(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource
 ) -> dg.SkipReason:
-    after = int(context.cursor) if context.cursor else 0
-    events: list[dg.EventLogRecord] = []
-    safe_until = None
-    for kind in RUN_EVENTS:
-        records = context.instance.fetch_run_status_changes(
-            dg.RunStatusChangeRecordsFilter(event_type=kind, after_storage_id=after),
-            limit=EVENTS_PER_TICK,
-            ascending=True,
-        ).records
-        events += records
-        if len(records) == EVENTS_PER_TICK:  # more of this kind wait beyond its last id
-            last = records[-1].storage_id
-            safe_until = last if safe_until is None else min(safe_until, last)
+    events, newest = run_status_events(
+        context.instance, RUN_EVENTS, int(context.cursor) if context.cursor else 0
+    )
     if not events:
         return dg.SkipReason("no new bars runs")
-    events.sort(key=lambda r: r.storage_id)
     windows = symbols = of_bars_runs = skipped = 0
     with warehouse.connection() as conn:
         for record in events:
@@ -334,8 +347,7 @@ def backfill_status_sensor(
             except Exception as error:  # an odd run must never stop the sensor
                 skipped += 1
                 context.log.warning(f"skipped run {record.event_log_entry.run_id}: {error!r}")
-    newest = events[-1].storage_id
-    context.update_cursor(str(newest if safe_until is None else min(newest, safe_until)))
+    context.update_cursor(str(newest))
     # The UI files a tick without run requests under "skipped"; its text says what it did.
     return dg.SkipReason(
         f"{len(events)} run event(s) read, {of_bars_runs} with window states: {windows} window "
