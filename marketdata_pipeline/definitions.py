@@ -11,15 +11,26 @@ from marketdata_pipeline.defs.assets import bars_assets
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.schedules import FRESHNESS_JOBS, REFRESH_JOBS, SCHEDULES
 from marketdata_pipeline.defs.sensors import backfill_status_sensor, symbol_registry_sensor
+from marketdata_pipeline.defs.splits import (
+    split_revision_sensor,
+    stock_splits,
+    stock_splits_daily,
+    stock_splits_refresh,
+)
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
     return dg.Definitions(
-        assets=bars_assets,
-        jobs=[*REFRESH_JOBS.values(), *FRESHNESS_JOBS.values(), *admin_jobs],
-        schedules=SCHEDULES,
-        sensors=[symbol_registry_sensor, backfill_status_sensor, *alert_sensors],
+        assets=[*bars_assets, stock_splits],
+        jobs=[*REFRESH_JOBS.values(), *FRESHNESS_JOBS.values(), stock_splits_refresh, *admin_jobs],
+        schedules=[*SCHEDULES, stock_splits_daily],
+        sensors=[
+            symbol_registry_sensor,
+            backfill_status_sensor,
+            split_revision_sensor,
+            *alert_sensors,
+        ],
         # Each bars run is one step; running it in the run's own process saves a second
         # process start (about 3 s) per run, which dominates a backfill's many short runs.
         executor=dg.in_process_executor,

@@ -216,3 +216,19 @@ class Window:
 
 def _month(day: date) -> date:
     return day.replace(day=1)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A stock split as the provider lists it: `split_from` shares became `split_to` on
+    `execution_date` (4:1 is 1 -> 4); adjusted bars before that day are divided by the ratio."""
+
+    symbol: str
+    execution_date: date
+    split_from: float
+    split_to: float
+    provider_id: str
+
+    @property
+    def ratio(self) -> str:
+        return f"{self.split_to:g}:{self.split_from:g}"

@@ -66,10 +66,10 @@ def symbols_show(symbol: str) -> None:
         + (f": {tracked.backfill_error}" if tracked.backfill_error else "")
     )
     table(
-        ["ASSET", "MONTH", "STATUS", "LOADED", "REJECTED", "FINISHED", "RUN"],
+        ["ASSET", "MONTH", "STATUS", "LOADED", "REJECTED", "FINISHED", "RUN", "REVISED FOR"],
         [
             [w.asset, f"{w.month:%Y-%m}", w.status, w.rows_loaded, w.rows_rejected,
-             when(w.finished_at), w.run_id[:8]]
+             when(w.finished_at), w.run_id[:8], w.revised_for or ""]
             for w in windows
         ],
     )  # fmt: skip

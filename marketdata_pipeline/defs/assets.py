@@ -34,6 +34,8 @@ from marketdata_pipeline.quality.coverage import (
 
 # backfill_policy is marked beta; it is what turns a backfill into one run per symbol.
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
+# The partition mapping of stock bars onto their symbol's splits is marked beta too.
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*MultiToSingleDimension.*")
 
 OWNERS = ["team:market-data"]
 # Observation metadata the status sensor reads: the provider's words on a month its plan does
@@ -44,6 +46,8 @@ REFUSED = "refused"
 FAILED = "failed"
 UP_TO_DATE = "up_to_date"
 GROUP = "market_data"
+# A stock symbol's splits: its bars partitions depend on them (a split changes adjusted history).
+STOCK_SPLITS = dg.AssetKey("stock_splits")
 PREVIEW_ROWS = 5
 # A run takes at most ten years of months of one symbol (or one month of many symbols):
 # bounded work per run, and a backfill of S symbols x M months becomes about S runs.
@@ -161,6 +165,14 @@ class BarsAsset:
         )
 
     @property
+    def deps(self) -> list[dg.AssetDep]:
+        """Stock bars: each partition depends on its symbol's splits."""
+        if self.market is not Market.STOCK:
+            return []
+        by_symbol = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="symbol")
+        return [dg.AssetDep(STOCK_SPLITS, partition_mapping=by_symbol)]
+
+    @property
     def key(self) -> dg.AssetKey:
         return dg.AssetKey(self.name)
 
@@ -242,6 +254,7 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
         specs=[
             dg.AssetSpec(
                 spec.key,
+                deps=spec.deps,
                 description=spec.description,
                 freshness_policy=spec.freshness_policy,
                 kinds={"polygon", "polars", "postgres"},
@@ -315,7 +328,10 @@ class _Run:
                 "partitions has nothing to fetch"
             )
         months = months_by_symbol(spec, context.partition_keys)
-        with self.polygon.client(warehouse.url()) as client, warehouse.connection() as conn:
+        with (
+            self.polygon.client(warehouse.url()) as client,
+            warehouse.connection(autocommit=True) as conn,
+        ):
             if self.config.new_days_only:
                 through = last_complete_session(spec.market, datetime.now(UTC))
                 plan = new_days(conn, spec.market, spec.timeframe, months, through)

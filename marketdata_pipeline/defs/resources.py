@@ -27,8 +27,10 @@ class WarehouseResource(dg.ConfigurableResource):
         return embedded.warehouse_url()
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
-        with open_connection(self.url()) as conn:
+    def connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+        """A session; with `autocommit`, each transaction block commits as it ends (loads,
+        which tell Dagster a window is loaded only once it is committed)."""
+        with open_connection(self.url(), autocommit=autocommit) as conn:
             yield conn
 
 

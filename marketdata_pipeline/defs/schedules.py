@@ -38,6 +38,7 @@ FRESHNESS_JOBS = {
     for market in Market
 }
 TRIGGER_TAG = "marketdata/trigger"
+REVISION_TAG = "marketdata/revision"  # the split change a revision run re-fetches for
 
 
 def bars_run(
@@ -48,6 +49,7 @@ def bars_run(
     run_key: str,
     trigger: str,
     new_days_only: bool = False,
+    revision: str | None = None,
 ) -> dg.RunRequest:
     """One run of a bars asset over the rectangle months x symbols (first..last of each, in
     the partitions' order), evaluating the asset's own checks only."""
@@ -61,6 +63,7 @@ def bars_run(
             "dagster/asset_partition_range_start": f"{months[0]}|{symbols[0]}",
             "dagster/asset_partition_range_end": f"{months[-1]}|{symbols[-1]}",
             TRIGGER_TAG: trigger,
+            **({REVISION_TAG: revision} if revision else {}),
         },
     )
 

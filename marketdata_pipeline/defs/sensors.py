@@ -18,7 +18,7 @@ from marketdata_pipeline.defs.assets import (
 )
 from marketdata_pipeline.defs.partitions import month_and_symbol, months
 from marketdata_pipeline.defs.resources import WarehouseResource
-from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
+from marketdata_pipeline.defs.schedules import REFRESH_JOBS, REVISION_TAG, bars_run
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.registry import backfill_state
 from marketdata_pipeline.registry.symbols import active_symbols
@@ -216,13 +216,14 @@ def window_states(
             month, symbol = month_and_symbol(BARS_ASSETS[asset].partitions, key)
             rows = loaded.get((asset, key))
             why_not_loaded = observed.get((asset, key))
-            status = "failed"
+            status, revised_for = "failed", None
             finished: datetime | None = at
             reason: str | None = error or "run failed"
             if kind == dg.DagsterEventType.RUN_START:
                 status, finished, reason = "in_progress", None, None
             elif rows:
                 status, reason = "completed", None
+                revised_for = run.tags.get(REVISION_TAG)
             elif why_not_loaded:
                 if why_not_loaded[0] is None:  # nothing new: the month keeps its state
                     continue
@@ -239,6 +240,7 @@ def window_states(
                     rows_loaded=rows[0] if rows else None,
                     rows_rejected=rows[1] if rows else None,
                     error=reason,
+                    revised_for=revised_for,
                 )
             )
     return states

@@ -26,12 +26,14 @@ import httpx
 import polars as pl
 import tenacity
 
-from marketdata_pipeline.domain import BAR_SCHEMA, Market, empty_bars
+from marketdata_pipeline.domain import BAR_SCHEMA, Market, Split, empty_bars
 from marketdata_pipeline.errors import MarketdataError
 
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 50_000  # base bars per page, the provider's maximum
+SPLITS_LIMIT = 1000  # splits per page, the provider's maximum
+MAX_SPLIT_PAGES = 20  # a ticker has a few splits: more pages than this is a runaway cursor
 _WIRE_SCHEMA = {
     "t": pl.Int64(),
     "o": pl.Float64(),
@@ -391,6 +393,37 @@ class PolygonClient:
         )
         return Page(frame, request_id, what, received_at=datetime.now(UTC))
 
+    def splits(self, ticker: str) -> list[Split]:
+        """Every split of a stock ticker the provider lists, from its splits reference, paged
+        by `next_url` (bounded, as aggregates are). A record that breaks the spec (a missing
+        or non-positive ratio, a bad date, another ticker) fails the fetch with its request
+        id: a split taken wrong would rewrite history."""
+        what = f"the splits of {ticker}"
+        found: list[Split] = []
+        target: str | None = "/v3/reference/splits"
+        params: dict[str, Any] | None = {"ticker": ticker, "limit": SPLITS_LIMIT}
+        followed: set[str] = set()
+        while target is not None:
+            if target in followed or len(followed) >= MAX_SPLIT_PAGES:
+                raise PolygonResponseError(
+                    f"Polygon's pages of {what} do not end (request {len(followed) + 1}): "
+                    "pagination stopped"
+                )
+            followed.add(target)
+            response = self._get(target, params, what)
+            header_id = response.headers.get("X-Request-Id")
+            body, results = _json_envelope(self._without_key(response.content), what, header_id)
+            request_id = body.get("request_id") or header_id or "?"
+            if body.get("status") not in _OK_STATUSES:
+                raise PolygonResponseError(
+                    f"Polygon returned an unexpected body for {what} (request id {request_id})"
+                )
+            found += [_split(record, ticker, request_id) for record in results or ()]
+            next_url = body.get("next_url")
+            target = _path_and_query(next_url) if isinstance(next_url, str) else None
+            params = None
+        return found
+
     def _without_key(self, content: bytes) -> bytes:
         """A body with the key redacted, before any of it (a ticker, a request id, a bad
         value) can reach a message or the warehouse."""
@@ -459,6 +492,21 @@ class PolygonClient:
         if status >= 500:
             raise _Retryable(f"{status} {message}")
         raise PolygonError(f"Polygon rejected the request for {ticker} ({status}): {message}")
+
+
+def _split(record: dict[str, Any], ticker: str, request_id: str) -> Split:
+    where = f"for {ticker} (request id {request_id})"
+    if record.get("ticker") != ticker:
+        raise PolygonResponseError(f"Polygon listed a split of {record.get('ticker')!r} {where}")
+    values = [record.get(name) for name in ("split_from", "split_to")]
+    ratio = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if len(ratio) != 2 or not all(0 < v < math.inf for v in ratio):
+        raise PolygonResponseError(f"Polygon listed a split without a positive ratio {where}")
+    try:
+        day = date.fromisoformat(str(record.get("execution_date")))
+    except ValueError:
+        raise PolygonResponseError(f"Polygon listed a split without a valid date {where}") from None
+    return Split(ticker, day, ratio[0], ratio[1], str(record.get("id") or ""))
 
 
 def _wait_for(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -77,6 +78,7 @@ _GROUPED = re.compile(
     r"^/v2/aggs/grouped/locale/(?:us/market/(?P<stocks>stocks)|global/market/(?P<crypto>crypto))"
     r"/(?P<day>[^/]+)$"
 )
+_SPLITS = "/v3/reference/splits"
 _COUNTED_FAULTS = ("rate_limited", "server_errors", "truncated", "empty_results")
 
 _RATE_LIMITED = (
@@ -652,9 +654,19 @@ class Simulator:
             self._held.clear()
 
     def split(self, ticker: str, effective: date, ratio: float) -> None:
-        """Revise history: adjusted bars of `ticker` before `effective` are divided by ratio."""
+        """A split of `ticker` executing on `effective` (4.0 for 4:1): the splits reference
+        lists it, and adjusted bars before that day are divided by the ratio."""
+        if not ratio > 0:
+            raise ValueError(f"a split's ratio is positive, not {ratio}")
         with self._lock:
             self.revisions.split(ticker, effective, ratio)
+            self._cache.clear()
+
+    def withdraw_split(self, ticker: str, effective: date) -> None:
+        """The provider withdraws a split it listed: history is as if it never happened."""
+        with self._lock:
+            kept = [s for s in self.revisions.splits.get(ticker, []) if s.effective != effective]
+            self.revisions.splits[ticker] = kept
             self._cache.clear()
 
     def expected_bars(
@@ -707,7 +719,7 @@ class Simulator:
         # Path segments are matched first, then decoded: `X%3ABTCUSD` is `X:BTCUSD`.
         aggs, grouped = _AGGS.match(parts.path), _GROUPED.match(parts.path)
         params = {k: unquote(v) for k, v in (aggs.groupdict() if aggs else {}).items()}
-        faults = self._take_faults(params.get("ticker"))
+        faults = self._take_faults(params.get("ticker") or query.get("ticker"))
         failure = _failure(faults, presented)
         if failure:
             return failure
@@ -716,6 +728,8 @@ class Simulator:
                 body = self._aggregates(params, query, faults)
             elif grouped:
                 body = self._grouped(grouped, query, faults)
+            elif parts.path == _SPLITS:
+                body = self._splits(query)
             else:
                 return _error(404, f"Not found: {parts.path}")
         except BadRequest as error:
@@ -881,6 +895,41 @@ class Simulator:
             body += f',"results":{results}'
         return f"{body},{_compact(tail)[1:]}".encode()
 
+    # -- splits reference ----------------------------------------------------------------
+
+    def _splits(self, query: dict[str, str]) -> bytes:
+        """`/v3/reference/splits`: the splits of `ticker` (or of every ticker), newest first
+        by default, `limit` a page (10 by default, at most 1000), paged by `next_url`."""
+        try:
+            limit = int(query.get("limit", "10"))
+            offset = (
+                int(base64.urlsafe_b64decode(query["cursor"]).decode()) if "cursor" in query else 0
+            )
+        except (ValueError, UnicodeDecodeError) as error:
+            raise BadRequest(f"Invalid limit or cursor: {error}") from None
+        if not 1 <= limit <= 1000:
+            raise BadRequest("limit must be between 1 and 1000")
+        wanted = query.get("ticker")
+        with self._lock:
+            listed = [
+                (ticker, split)
+                for ticker, splits in sorted(self.revisions.splits.items())
+                if wanted in (None, ticker)
+                for split in splits
+            ]
+        listed.sort(key=lambda item: item[1].effective, reverse=query.get("order") != "asc")
+        page = listed[offset : offset + limit]
+        body: dict[str, object] = {
+            "results": [_split_record(ticker, split) for ticker, split in page],
+            "status": "OK",
+            "request_id": uuid.uuid4().hex,
+        }
+        if offset + limit < len(listed):
+            cursor = base64.urlsafe_b64encode(str(offset + limit).encode()).decode()
+            rest = {k: v for k, v in query.items() if k != "cursor"}
+            body["next_url"] = f"{self.base_url}{_SPLITS}?{urlencode({**rest, 'cursor': cursor})}"
+        return _compact(body).encode()
+
     # -- grouped daily -------------------------------------------------------------------
 
     def _grouped(self, match: re.Match[str], query: dict[str, str], faults: Faults) -> bytes:
@@ -921,6 +970,19 @@ class Simulator:
         body["status"] = "DELAYED" if faults.delayed else "OK"
         body.update({"request_id": uuid.uuid4().hex, "count": len(results)})
         return _compact(body).encode()
+
+
+def _split_record(ticker: str, split: synth.Split) -> dict[str, object]:
+    """A split as the provider lists it: 4.0 is 1 -> 4, 0.25 (a reverse split) is 4 -> 1."""
+    split_from, split_to = (1.0, split.ratio) if split.ratio >= 1 else (1 / split.ratio, 1.0)
+    digest = hashlib.sha256(f"{ticker}|{split.effective}|{split.ratio}".encode()).hexdigest()
+    return {
+        "execution_date": split.effective.isoformat(),
+        "id": f"E{digest[:63]}",
+        "split_from": split_from,
+        "split_to": split_to,
+        "ticker": ticker,
+    }
 
 
 class _Handler(BaseHTTPRequestHandler):

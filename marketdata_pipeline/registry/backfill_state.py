@@ -28,22 +28,26 @@ class WindowState:
     rows_loaded: int | None = None
     rows_rejected: int | None = None
     error: str | None = None
+    revised_for: str | None = None  # the split change a revision run re-fetched it for
 
 
 # A state from run R is written unless the row already holds a later word on the window:
 # a finished state of R itself (a replayed STARTED), or a state of a run started after R.
 _UPSERT = """
 INSERT INTO backfill_state AS s (asset, symbol, month, status, run_id, started_at,
-    finished_at, rows_loaded, rows_rejected, error, updated_at)
+    finished_at, rows_loaded, rows_rejected, error, revised_for, updated_at)
 VALUES (%(asset)s, %(symbol)s, %(month)s, %(status)s, %(run_id)s, %(started_at)s,
-    %(finished_at)s, %(rows_loaded)s, %(rows_rejected)s, %(error)s, now())
+    %(finished_at)s, %(rows_loaded)s, %(rows_rejected)s, %(error)s, %(revised_for)s, now())
 ON CONFLICT (asset, symbol, month) DO UPDATE SET
     status = excluded.status, run_id = excluded.run_id, started_at = excluded.started_at,
     finished_at = excluded.finished_at, rows_loaded = excluded.rows_loaded,
-    rows_rejected = excluded.rows_rejected, error = excluded.error, updated_at = now()
-WHERE (s.status, s.run_id, s.started_at, s.finished_at, s.rows_loaded, s.rows_rejected, s.error)
+    rows_rejected = excluded.rows_rejected, error = excluded.error,
+    revised_for = excluded.revised_for, updated_at = now()
+WHERE (s.status, s.run_id, s.started_at, s.finished_at, s.rows_loaded, s.rows_rejected, s.error,
+       s.revised_for)
       IS DISTINCT FROM (excluded.status, excluded.run_id, excluded.started_at,
-      excluded.finished_at, excluded.rows_loaded, excluded.rows_rejected, excluded.error)
+      excluded.finished_at, excluded.rows_loaded, excluded.rows_rejected, excluded.error,
+      excluded.revised_for)
   AND NOT (s.run_id = excluded.run_id AND s.status <> 'in_progress'
            AND excluded.status = 'in_progress')
   AND NOT (s.run_id <> excluded.run_id AND s.started_at > excluded.started_at)
@@ -130,7 +134,8 @@ def window_counts(conn: psycopg.Connection) -> dict[str, WindowCounts]:
 def windows(conn: psycopg.Connection, symbol: str) -> list[WindowState]:
     rows = conn.execute(
         "SELECT asset, symbol, month, status, run_id, started_at, finished_at, rows_loaded, "
-        "rows_rejected, error FROM backfill_state WHERE symbol = %s ORDER BY asset, month",
+        "rows_rejected, error, revised_for FROM backfill_state WHERE symbol = %s "
+        "ORDER BY asset, month",
         (symbol,),
     ).fetchall()
     return [WindowState(*row) for row in rows]

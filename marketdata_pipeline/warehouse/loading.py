@@ -108,6 +108,14 @@ def replace_window(
                         for row in rejected.select(_REJECT_COLUMNS).iter_rows()
                     ],
                 )
+        # When the month was fetched whole is the adjustment it holds (splits); the days of a
+        # night leave its older days as they were, so only a first load counts.
+        conn.execute(
+            "INSERT INTO loaded_months (timeframe, symbol, month, loaded_at) "
+            "VALUES (%s, %s, %s, now()) ON CONFLICT (timeframe, symbol, month) DO "
+            + ("UPDATE SET loaded_at = excluded.loaded_at" if window.is_whole_month else "NOTHING"),
+            (window.timeframe, symbol, window.month),
+        )
         in_month = bars.height
         if not window.is_whole_month:
             [(in_month,)] = conn.execute(

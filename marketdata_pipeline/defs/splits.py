@@ -1,0 +1,131 @@
+"""Splits: the `stock_splits` asset keeps each stock symbol's splits current; when they change,
+the symbol's bars partitions show stale (they depend on its splits partition) and the
+revision sensor re-fetches every month loaded under the old adjustment, one ranged run per
+symbol and bars asset."""
+
+from collections.abc import Iterator
+
+import dagster as dg
+
+from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, GROUP, OWNERS, STOCK_SPLITS
+from marketdata_pipeline.defs.partitions import SYMBOL_PARTITIONS
+from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
+from marketdata_pipeline.domain import Market
+from marketdata_pipeline.polygon.client import PolygonError
+from marketdata_pipeline.registry.splits import replace_splits, splits_of, stale_months
+from marketdata_pipeline.registry.symbols import active_symbols
+
+
+@dg.asset(
+    key=STOCK_SPLITS,
+    description="Each stock symbol's splits from Polygon's splits reference "
+    "(`/v3/reference/splits`), in the `splits` table: added, changed and withdrawn exactly as "
+    "the provider lists them. A partition (a symbol) is materialized when its splits change "
+    "(and on its first fetch), so the symbol's bars partitions show stale until the revision "
+    "sensor has re-fetched them; an unchanged fetch is only observed.",
+    partitions_def=SYMBOL_PARTITIONS[Market.STOCK],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="polygon",
+    kinds={"polygon", "postgres"},
+    group_name=GROUP,
+    owners=OWNERS,
+    output_required=False,
+    metadata={"dagster/table_name": "splits"},
+)
+def stock_splits(
+    context: dg.AssetExecutionContext, polygon: PolygonResource, warehouse: WarehouseResource
+) -> Iterator[dg.AssetMaterialization | dg.AssetObservation]:
+    failed: dict[str, str] = {}
+    with (
+        polygon.client(warehouse.url()) as client,
+        warehouse.connection(autocommit=True) as conn,
+    ):
+        for symbol in context.partition_keys:
+            try:
+                change = replace_splits(conn, symbol, client.splits(symbol))
+            except PolygonError as error:
+                failed[symbol] = str(error)
+                context.log.error(f"{symbol}: {error}")
+                continue
+            splits = splits_of(conn, symbol)
+            metadata = {
+                "change": change.describe(),
+                "splits": ", ".join(f"{s.ratio} on {s.execution_date}" for s in splits) or "none",
+            }
+            if change or change.first_fetch:
+                yield dg.AssetMaterialization(
+                    STOCK_SPLITS, partition=symbol, description=change.describe(), metadata=metadata
+                )
+            else:
+                yield dg.AssetObservation(
+                    STOCK_SPLITS, partition=symbol, description="unchanged", metadata=metadata
+                )
+    if failed:
+        first, words = next(iter(failed.items()))
+        raise dg.Failure(
+            f"stock_splits: {len(failed)} symbol(s) failed ({', '.join(failed)}); {first}: {words}"
+        )
+
+
+stock_splits_refresh = dg.define_asset_job(
+    "stock_splits_refresh",
+    selection=[STOCK_SPLITS],
+    description="The splits of the given stock symbols, from Polygon's splits reference.",
+)
+
+
+@dg.schedule(
+    job=stock_splits_refresh,
+    cron_schedule="30 19 * * 1-5",
+    execution_timezone="America/New_York",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Weekdays 19:30 New York, an hour before the nightly bars: every stock "
+    "symbol's splits, in one run (one request per symbol).",
+)
+def stock_splits_daily(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    symbols = context.instance.get_dynamic_partitions(Market.STOCK.symbol_dimension)
+    if not symbols:
+        return dg.SkipReason("no stock_symbols registered yet")
+    return dg.RunRequest(
+        run_key=f"splits|{context.scheduled_execution_time:%Y-%m-%d}",
+        tags={
+            "dagster/asset_partition_range_start": symbols[0],
+            "dagster/asset_partition_range_end": symbols[-1],
+        },
+    )
+
+
+@dg.sensor(
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    jobs=[REFRESH_JOBS[Market.STOCK]],
+    description="Re-fetches, whole, every month of a stock symbol's bars loaded before its "
+    "splits last changed (a split added, changed or withdrawn that has taken effect): one "
+    "ranged run per symbol and bars asset, tagged with the change. backfill_state records the "
+    "months as revised for it.",
+)
+def split_revision_sensor(
+    context: dg.SensorEvaluationContext, warehouse: WarehouseResource
+) -> dg.SensorResult:
+    with warehouse.connection() as conn:
+        stale = stale_months(conn, active_symbols(conn, Market.STOCK))
+    specs = {spec.timeframe: spec for spec in ALL_BARS_ASSETS if spec.market is Market.STOCK}
+    runs = [
+        bars_run(
+            specs[group.timeframe],
+            [group.months[0].isoformat(), group.months[-1].isoformat()],
+            [group.symbol],
+            # One run per change: a later tick asks again only after another change.
+            run_key=f"revision|{group.symbol}|{group.timeframe}|{group.since:%Y%m%dT%H%M%S}",
+            trigger="split revision",
+            revision=f"{group.symbol} {group.why}",
+        )
+        for group in stale
+    ]
+    for group in stale:
+        context.log.info(
+            f"{group.symbol} {group.timeframe}: {len(group.months)} month(s) loaded before the "
+            f"{group.why} took effect ({group.since:%Y-%m-%d %H:%M}Z)"
+        )
+    return dg.SensorResult(run_requests=runs, skip_reason=None if runs else "no month is stale")
