@@ -64,8 +64,9 @@ def warehouse_url(migrated_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def migrated_conn(migrated_url: str) -> Iterator[psycopg.Connection]:
-    """A session on a new database with every migration applied."""
-    with connection(migrated_url) as conn:
+    """A session on a new database with every migration applied, in autocommit: each load
+    commits on its own, as in a run, whatever the test reads between loads."""
+    with connection(migrated_url, autocommit=True) as conn:
         yield conn
 
 

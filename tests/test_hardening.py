@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import date
 from functools import partial
 from pathlib import Path
 
@@ -21,13 +22,21 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from marketdata_pipeline.domain import AssetClass, InvalidSymbol
-from marketdata_pipeline.errors import AlreadyExists, ConfigError, NotFound
+from marketdata_pipeline.domain import (
+    AssetClass,
+    InvalidSymbol,
+    Market,
+    Timeframe,
+    Window,
+    empty_bars,
+)
+from marketdata_pipeline.errors import AlreadyExists, ConfigError, MarketdataError, NotFound
 from marketdata_pipeline.registry import api_keys
 from marketdata_pipeline.registry import symbols as registry
 from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse import embedded
 from marketdata_pipeline.warehouse.bootstrap import bootstrap
+from marketdata_pipeline.warehouse.loading import replace_window
 from tests.conftest import PROJECT_DIR, run_cli
 
 
@@ -326,3 +335,16 @@ def test_ambiguous_url_is_refused_before_connecting_and_well_formed_ones_pass() 
         == "socket /run/postgresql, database wh"
     )
     assert db.describe("host=db.internal port=6000 password=a@b/c") == "db.internal:6000"
+
+
+def test_a_window_is_never_loaded_inside_an_open_transaction(migrated_url: str) -> None:
+    """A load nested in a caller's transaction would be a savepoint, committed only with it:
+    a window told loaded could vanish. It is refused, and nothing is written."""
+    window = Window.of_month(Market.STOCK, Timeframe.DAILY, "AAPL", date(2024, 1, 1))
+    with db.connection(migrated_url) as conn:
+        conn.execute("SELECT 1")  # the session is now inside a transaction
+        with pytest.raises(MarketdataError, match="loads in its own transaction"):
+            replace_window(conn, window, empty_bars(), empty_bars())
+        conn.rollback()
+        [(logged,)] = conn.execute("SELECT count(*) FROM loaded_months").fetchall()
+    assert logged == 0

@@ -66,6 +66,13 @@ def replace_window(
     """
     symbol = normalize_symbol(window.symbol)
     table = bar_table(window.timeframe)
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        # Inside a transaction the load would be a savepoint, committed only with it: a
+        # window told loaded could still vanish.
+        raise MarketdataError(
+            f"{symbol} {window.timeframe} {window.label}: a window loads in its own transaction "
+            "(use an autocommit session, or commit first)"
+        )
     with conn.transaction():
         conn.execute(
             "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
