@@ -7,6 +7,7 @@ over the code location loaded as the web server loads it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import date
 
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
 
+from marketdata_pipeline.cli.simulator import SPLIT
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, bars_assets
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.sensors import backfill_status_sensor
@@ -27,7 +29,7 @@ from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer
 from marketdata_pipeline.registry.splits import replace_splits, splits_of, stale_months
 from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse.bootstrap import bootstrap
-from tests.conftest import PROJECT_DIR, bars_frame, read_bars
+from tests.conftest import PROJECT_DIR, bars_frame, read_bars, run_cli
 
 SPLIT_DAY = date(2024, 6, 3)
 MONTHS = [date(year, month, 1) for year in (2023, 2024) for month in range(1, 13)]
@@ -247,3 +249,20 @@ def test_a_split_revises_that_symbols_history_exactly_and_nothing_else(
             "AND revised_for = 'AAPL 4:1 split on 2024-06-03'"
         ).fetchone()
     assert revised == (2 * len(MONTHS),)
+
+
+def test_the_demo_stages_a_split_the_simulator_then_lists(sim: Simulator) -> None:
+    staged = SPLIT.convert("aapl:2024-06-03:4@0.01", None, None)  # in 0.6 s
+    staged.stage(sim)
+    client = PolygonClient(None, "http://simulator", transport=sim.transport())
+    assert client.splits("AAPL") == [], "not yet"
+    time.sleep(1.5)
+    [split] = client.splits("AAPL")
+    assert (split.execution_date, split.ratio) == (SPLIT_DAY, "4:1")
+
+
+@pytest.mark.parametrize("spec", ["AAPL:2024-13-01:4", "AAPL:2024-06-03:0", "AAPL:2024-06-03"])
+def test_a_bad_split_option_is_one_line_and_exit_2(spec: str) -> None:
+    done = run_cli("simulator", "--port", "0", "--split", spec)
+    assert done.returncode == 2 and "Invalid value for '--split'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
+from datetime import date
 
 import click
 
+from marketdata_pipeline.domain import InvalidSymbol, normalize_symbol
 from marketdata_pipeline.polygon.simulator import ORDERS, PLANS, Faults, Simulator, serve
 
 # --fault KIND: (field of Faults, its type, value when no "=VALUE" is given; None: required)
@@ -28,6 +31,48 @@ FAULT_KINDS: dict[str, tuple[str, type, object]] = {
     "spike": ("spike_every", int, 100),
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class StagedSplit:
+    """A split the simulator announces after a while, so a revision can be watched."""
+
+    symbol: str
+    day: date
+    ratio: float
+    after_minutes: float
+
+    def stage(self, sim: Simulator) -> None:
+        timer = threading.Timer(
+            self.after_minutes * 60, sim.split, (self.symbol, self.day, self.ratio)
+        )
+        timer.daemon = True
+        timer.start()
+
+
+class SplitSpec(click.ParamType):
+    """`SYMBOL:DATE:RATIO[@MINUTES]`, e.g. `AAPL:2026-11-18:4@5`: a 4:1 split of AAPL on
+    2026-11-18, announced 5 minutes from now (at once without @)."""
+
+    name = "SYMBOL:DATE:RATIO[@MINUTES]"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> StagedSplit:
+        body, _, after = str(value).partition("@")
+        try:
+            symbol, day, ratio = body.split(":")
+            staged = StagedSplit(
+                normalize_symbol(symbol), date.fromisoformat(day), float(ratio), float(after or 0)
+            )
+        except (ValueError, InvalidSymbol):
+            self.fail(f"{value!r} is not SYMBOL:DATE:RATIO[@MINUTES] (e.g. AAPL:2026-11-18:4@5)")
+        if not (staged.ratio > 0 and staged.after_minutes >= 0):
+            self.fail(f"{value!r}: the ratio is positive and the minutes zero or more")
+        return staged
+
+
+SPLIT = SplitSpec()
 
 
 def parse_fault(spec: str) -> tuple[str | None, str, object]:
@@ -87,6 +132,14 @@ def _value(spec: str, kind: str, kind_type: type, raw: str) -> object:
     help="Play a plan's limits: free is 5 requests a minute per key and 2 years of history.",
 )
 @click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    type=SPLIT,
+    help="A stock split to list and apply to history (repeatable), e.g. AAPL:2026-11-18:4@5: "
+    "4:1 on that day, announced in 5 minutes.",
+)
+@click.option(
     "--cache-pages",
     default=64,
     show_default=True,
@@ -94,7 +147,12 @@ def _value(spec: str, kind: str, kind_type: type, raw: str) -> object:
     help="Rendered pages kept to answer repeated requests without rebuilding them.",
 )
 def simulator_command(
-    host: str, port: int, faults: tuple[str, ...], plan: str | None, cache_pages: int
+    host: str,
+    port: int,
+    faults: tuple[str, ...],
+    plan: str | None,
+    splits: tuple[StagedSplit, ...],
+    cache_pages: int,
 ) -> None:
     """Serve a Polygon-compatible aggregates API with synthetic bars (offline work, tests).
 
@@ -110,6 +168,8 @@ def simulator_command(
         by_ticker.setdefault(ticker, {})[field] = value
     for ticker, settings in by_ticker.items():
         sim.inject(Faults(**settings), ticker)  # type: ignore[arg-type]
+    for split in splits:
+        split.stage(sim)
     server = serve(sim, host, port)
     click.echo(f"Polygon simulator (synthetic data) on {server.url}")
     try:

@@ -16,6 +16,7 @@ import click
 
 from marketdata_pipeline import config
 from marketdata_pipeline.cli.common import print_bootstrap
+from marketdata_pipeline.cli.simulator import SPLIT, StagedSplit
 from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer, serve
 from marketdata_pipeline.warehouse import embedded
@@ -32,7 +33,15 @@ DEMO_DATABASE = "marketdata_demo"
 
 @click.command("ui")
 @click.option("--port", default=3000, show_default=True, help="Port of the Dagster web UI.")
-def ui_command(port: int) -> None:
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    type=SPLIT,
+    help="Offline demo only: a stock split the simulator announces, e.g. AAPL:2026-11-18:4@5 "
+    "(4:1, in 5 minutes), to watch a revision: materialize stock_splits afterwards.",
+)
+def ui_command(port: int, splits: tuple[StagedSplit, ...]) -> None:
     """Bootstrap the warehouse and run the Dagster UI and daemon on 127.0.0.1.
 
     Without POLYGON_API_KEY (and POLYGON_BASE_URL) this is the offline demo: bars come from
@@ -58,7 +67,9 @@ def ui_command(port: int) -> None:
     if on_embedded:
         embedded.record_ui(database)  # other commands on this home now use this database
     dagster_home = _dagster_instance(url, simulated)
-    server = _start_demo_simulator() if simulated else None
+    if splits and not simulated:
+        raise ConfigError("--split stages a split in the offline demo's simulator only")
+    server = _start_demo_simulator(splits) if simulated else None
     _register_symbol_partitions(url)
     ui_url = f"http://127.0.0.1:{port}"
     os.environ.setdefault("MARKETDATA_UI_URL", ui_url)  # the alerts' links point here
@@ -129,8 +140,15 @@ def _dagster_instance(url: str, simulated: bool) -> Path:
     return dagster_home
 
 
-def _start_demo_simulator() -> SimulatorHTTPServer:
-    server = serve(Simulator(cache_pages=32))
+def _start_demo_simulator(splits: tuple[StagedSplit, ...]) -> SimulatorHTTPServer:
+    sim = Simulator(cache_pages=32)
+    for split in splits:
+        split.stage(sim)
+        click.echo(
+            f"the simulator announces a {split.ratio:g}:1 split of {split.symbol} on "
+            f"{split.day} in {split.after_minutes:g} minute(s)"
+        )
+    server = serve(sim)
     os.environ.update({"POLYGON_BASE_URL": server.url, "MARKETDATA_SIMULATED": "1"})
     click.echo(
         f"OFFLINE DEMO: no POLYGON_API_KEY, so bars come from the Polygon simulator at "
