@@ -21,7 +21,7 @@ from dagster_graphql.test.utils import define_out_of_process_context, execute_da
 from marketdata_pipeline.cli.simulator import SPLIT
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, bars_assets
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
-from marketdata_pipeline.defs.sensors import backfill_status_sensor
+from marketdata_pipeline.defs.sensors import backfill_status_sensor, register_symbol_partitions
 from marketdata_pipeline.defs.splits import split_revision_sensor, stock_splits
 from marketdata_pipeline.domain import Market, Split, Timeframe, Window
 from marketdata_pipeline.polygon.client import PolygonClient, PolygonResponseError
@@ -109,7 +109,6 @@ def stale_in_the_ui(
 @pytest.fixture
 def instance() -> Iterator[dg.DagsterInstance]:
     with dg.instance_for_test() as test_instance:
-        test_instance.add_dynamic_partitions("stock_symbols", ["AAPL", "MSFT"])
         yield test_instance
 
 
@@ -190,8 +189,10 @@ def test_a_split_revises_that_symbols_history_exactly_and_nothing_else(
     warehouse_url: str, sim: Simulator, server: SimulatorHTTPServer, instance: dg.DagsterInstance
 ) -> None:
     with db.connection(warehouse_url) as conn:
-        bootstrap(conn)  # AAPL and MSFT are default stock symbols
-    run(instance, server, "stock_splits", ranged("AAPL", "MSFT"))
+        bootstrap(conn)  # AAPL and MSFT are the first default stock symbols
+        register_symbol_partitions(instance, conn)  # as `marketdata ui` and the sensor do
+    first = run(instance, server, "stock_splits", ranged("AAPL", "MSFT"))
+    assert not first.get_asset_materialization_events(), "no split: nothing took effect"
     for spec in SPECS.values():
         run(instance, server, spec.name, ranged(f"{MONTHS[0]}|AAPL", f"{MONTHS[-1]}|MSFT"))
     msft_before = {t: stored(warehouse_url, t, "MSFT") for t in Timeframe}

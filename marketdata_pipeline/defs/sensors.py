@@ -12,6 +12,7 @@ from marketdata_pipeline.defs.assets import (
     ALL_BARS_ASSETS,
     FAILED,
     REFUSED,
+    STOCK_SPLITS,
     UNAVAILABLE,
     UP_TO_DATE,
     BarsAsset,
@@ -36,7 +37,22 @@ def register_symbol_partitions(
     adds, _, added = partition_changes(instance, active_symbols_by_market(conn))
     for request in adds:
         instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+    for event in splits_registered(added):
+        instance.report_runless_asset_event(event)
     return _by_dimension(added)
+
+
+def splits_registered(added: dict[Market, list[str]]) -> list[dg.AssetMaterialization]:
+    """A new stock symbol's splits partition, materialized as it is registered: its bars,
+    all loaded after, depend on it and are fresh until its splits change."""
+    return [
+        dg.AssetMaterialization(
+            STOCK_SPLITS,
+            partition=symbol,
+            description="registered: no bars loaded yet; stock_splits fetches its splits",
+        )
+        for symbol in added.get(Market.STOCK, [])
+    ]
 
 
 def partition_changes(
@@ -111,6 +127,7 @@ def symbol_registry_sensor(
     return dg.SensorResult(
         run_requests=runs,
         dynamic_partitions_requests=[*adds, *deletes],
+        asset_events=splits_registered(added),
         # A tick that requests runs is shown with them; one that does not, with its words.
         skip_reason=None if runs else changes or "partitions already match the registry",
     )

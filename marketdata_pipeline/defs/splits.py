@@ -13,7 +13,12 @@ from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResourc
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.polygon.client import PolygonError
-from marketdata_pipeline.registry.splits import replace_splits, splits_of, stale_months
+from marketdata_pipeline.registry.splits import (
+    StaleMonths,
+    replace_splits,
+    splits_of,
+    stale_months,
+)
 from marketdata_pipeline.registry.symbols import active_symbols
 
 
@@ -21,9 +26,9 @@ from marketdata_pipeline.registry.symbols import active_symbols
     key=STOCK_SPLITS,
     description="Each stock symbol's splits from Polygon's splits reference "
     "(`/v3/reference/splits`), in the `splits` table: added, changed and withdrawn exactly as "
-    "the provider lists them. A partition (a symbol) is materialized when its splits change "
-    "(and on its first fetch), so the symbol's bars partitions show stale until the revision "
-    "sensor has re-fetched them; an unchanged fetch is only observed.",
+    "the provider lists them. A partition (a symbol) is materialized when a change has taken "
+    "effect on months already loaded, so the symbol's bars partitions show stale until the "
+    "revision sensor has re-fetched them; any other fetch is observed.",
     partitions_def=SYMBOL_PARTITIONS[Market.STOCK],
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool="polygon",
@@ -53,19 +58,36 @@ def stock_splits(
                 "change": change.describe(),
                 "splits": ", ".join(f"{s.ratio} on {s.execution_date}" for s in splits) or "none",
             }
-            if change or change.first_fetch:
+            took_effect = _took_effect(context.instance, symbol, stale_months(conn, [symbol]))
+            if took_effect:
                 yield dg.AssetMaterialization(
-                    STOCK_SPLITS, partition=symbol, description=change.describe(), metadata=metadata
+                    STOCK_SPLITS, partition=symbol, description=took_effect, metadata=metadata
                 )
             else:
+                # A change not yet in effect (a split announced for a later day) is told, not
+                # materialized: the bars stay fresh until it executes.
                 yield dg.AssetObservation(
-                    STOCK_SPLITS, partition=symbol, description="unchanged", metadata=metadata
+                    STOCK_SPLITS, partition=symbol, description=change.describe(), metadata=metadata
                 )
     if failed:
         first, words = next(iter(failed.items()))
         raise dg.Failure(
             f"stock_splits: {len(failed)} symbol(s) failed ({', '.join(failed)}); {first}: {words}"
         )
+
+
+def _took_effect(instance: dg.DagsterInstance, symbol: str, stale: list[StaleMonths]) -> str | None:
+    """The split change that made loaded months stale since the partition's last
+    materialization (what the UI then shows its bars stale for); None if there is none."""
+    if not stale:
+        return None
+    latest = max(stale, key=lambda group: group.since)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(STOCK_SPLITS, asset_partitions=[symbol]), limit=1
+    ).records
+    if records and records[0].timestamp >= latest.since.timestamp():
+        return None
+    return f"{latest.why} (loaded months are stale)"
 
 
 stock_splits_refresh = dg.define_asset_job(
