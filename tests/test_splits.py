@@ -267,3 +267,33 @@ def test_a_bad_split_option_is_one_line_and_exit_2(spec: str) -> None:
     done = run_cli("simulator", "--port", "0", "--split", spec)
     assert done.returncode == 2 and "Invalid value for '--split'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_announced_split_is_observed_until_it_takes_effect_then_revised(
+    warehouse_url: str, sim: Simulator, server: SimulatorHTTPServer, instance: dg.DagsterInstance
+) -> None:
+    with db.connection(warehouse_url) as conn:
+        bootstrap(conn)
+        register_symbol_partitions(instance, conn)
+        conn.execute(
+            "INSERT INTO loaded_months VALUES "
+            "('daily', 'AAPL', '2024-01-01', now() - interval '3 days')"
+        )
+    run(instance, server, "stock_splits", ranged("AAPL", "AAPL"))  # none yet
+    sim.split("AAPL", date(2099, 1, 2), 4.0)  # announced for a later day
+    announced = run(instance, server, "stock_splits", ranged("AAPL", "AAPL"))
+    assert not announced.get_asset_materialization_events()
+    context = dg.build_sensor_context(instance=instance, resources=resources(server))
+    quiet = split_revision_sensor(context)
+    assert isinstance(quiet, dg.SensorResult) and not quiet.run_requests
+
+    with db.connection(warehouse_url) as conn:  # its day comes
+        conn.execute("UPDATE splits SET execution_date = current_date WHERE symbol = 'AAPL'")
+    due = split_revision_sensor(context)
+    assert isinstance(due, dg.SensorResult)
+    assert [r.tags["dagster/asset_partition_range_start"] for r in due.run_requests or []] == [
+        "2024-01-01|AAPL"
+    ]
+    [event] = due.asset_events
+    assert isinstance(event, dg.AssetMaterialization) and event.partition == "AAPL"
+    assert "4:1 split on" in (event.description or "")

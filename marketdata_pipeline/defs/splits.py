@@ -145,9 +145,22 @@ def split_revision_sensor(
         )
         for group in stale
     ]
+    by_symbol: dict[str, list[StaleMonths]] = {}
     for group in stale:
+        by_symbol.setdefault(group.symbol, []).append(group)
         context.log.info(
             f"{group.symbol} {group.timeframe}: {len(group.months)} month(s) loaded before the "
             f"{group.why} took effect ({group.since:%Y-%m-%d %H:%M}Z)"
         )
-    return dg.SensorResult(run_requests=runs, skip_reason=None if runs else "no month is stale")
+    # A split announced earlier takes effect on its day, with no fetch to tell: the symbol's
+    # splits partition is materialized here, so its bars show stale until the runs end.
+    events = [
+        dg.AssetMaterialization(STOCK_SPLITS, partition=symbol, description=took_effect)
+        for symbol, groups in by_symbol.items()
+        if (took_effect := _took_effect(context.instance, symbol, groups))
+    ]
+    return dg.SensorResult(
+        run_requests=runs,
+        asset_events=events,
+        skip_reason=None if runs else "no month is stale",
+    )
