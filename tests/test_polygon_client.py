@@ -188,15 +188,22 @@ def test_stock_daily_bars_follow_nyse_sessions(sim: Simulator) -> None:
     assert weekend.height == 0 and weekend.schema == BAR_SCHEMA
 
 
-def test_revised_history_changes_adjusted_bars_before_the_split(sim: Simulator) -> None:
+def test_a_split_revises_adjusted_history_and_keeps_it_continuous(sim: Simulator) -> None:
     client = PolygonClient(KEY, "http://polygon.test", transport=sim.transport())
-    before = client.aggregates("NVDA", 1, "day", date(2024, 6, 1), date(2024, 6, 30))
+    june = (date(2024, 6, 1), date(2024, 6, 30))
+    before = client.aggregates("NVDA", 1, "day", *june)
     sim.split("NVDA", date(2024, 6, 10), 10.0)
-    after = client.aggregates("NVDA", 1, "day", date(2024, 6, 1), date(2024, 6, 30))
-    split_at = datetime(2024, 6, 10, 4, tzinfo=UTC)
-    old, new = before.filter(pl.col("ts") < split_at), after.filter(pl.col("ts") < split_at)
-    assert new["close"].to_list() == pytest.approx((old["close"] / 10).to_list(), abs=1e-4)
-    assert after.filter(pl.col("ts") >= split_at).equals(before.filter(pl.col("ts") >= split_at))
+    adjusted = client.aggregates("NVDA", 1, "day", *june)
+    unadjusted = client.aggregates("NVDA", 1, "day", *june, adjusted=False)
+    split_at = pl.col("ts") >= datetime(2024, 6, 10, 4, tzinfo=UTC)
+    # Adjusted: the whole series is a tenth, as continuous across the split as before it.
+    assert adjusted["close"].to_list() == pytest.approx((before["close"] / 10).to_list(), abs=1e-4)
+    assert adjusted["volume"].to_list() == pytest.approx((before["volume"] * 10).to_list())
+    # Unadjusted: the price drops to a tenth on the split day, and only from there.
+    assert unadjusted.filter(~split_at).equals(before.filter(~split_at))
+    assert unadjusted.filter(split_at)["close"].to_list() == pytest.approx(
+        (before.filter(split_at)["close"] / 10).to_list(), abs=1e-4
+    )
 
 
 # -- faults, over a real loopback socket -------------------------------------------------

@@ -73,7 +73,7 @@ def ui_command(port: int, splits: tuple[StagedSplit, ...]) -> None:
     _register_symbol_partitions(url)
     ui_url = f"http://127.0.0.1:{port}"
     os.environ.setdefault("MARKETDATA_UI_URL", ui_url)  # the alerts' links point here
-    click.echo(f"Dagster UI: {ui_url}  (warehouse {describe(url)}, {database})")
+    click.echo(f"Dagster UI: {ui_url}  (warehouse {describe(url)})")
     if on_embedded:
         click.echo(
             f"While it runs, `marketdata` commands with MARKETDATA_HOME="

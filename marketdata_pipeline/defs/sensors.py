@@ -353,7 +353,7 @@ def backfill_status_sensor(
         context.instance, RUN_EVENTS, int(context.cursor) if context.cursor else 0
     )
     if not events:
-        return dg.SkipReason("no new bars runs")
+        return dg.SkipReason("no run started or ended since the last tick")
     windows = symbols = of_bars_runs = skipped = 0
     with warehouse.connection() as conn:
         for record in events:

@@ -150,7 +150,7 @@ def split_revision_sensor(
         by_symbol.setdefault(group.symbol, []).append(group)
         context.log.info(
             f"{group.symbol} {group.timeframe}: {len(group.months)} month(s) loaded before the "
-            f"{group.why} took effect ({group.since:%Y-%m-%d %H:%M}Z)"
+            f"{group.why} (in effect for the warehouse since {group.since:%Y-%m-%d %H:%M}Z)"
         )
     # A split announced earlier takes effect on its day, with no fetch to tell: the symbol's
     # splits partition is materialized here, so its bars show stale until the runs end.

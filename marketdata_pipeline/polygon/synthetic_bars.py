@@ -3,8 +3,8 @@
 Every value is a pure function of (ticker, bar start): the same request gives the same bars,
 whatever range or page it comes in. Prices follow a few slow waves around a per-ticker base
 with hashed noise, and OHLC rules hold. Stocks trade NYSE sessions (daily bars stamped 00:00
-New York), crypto trades 24/7 in UTC. History can be revised with a split, which rescales
-adjusted bars before its date.
+New York), crypto trades 24/7 in UTC. A split revises history: adjusted bars are the
+whole series divided by its ratio (continuous across it), unadjusted ones drop on its day.
 
 What makes the bars look like the provider's, so the pipeline meets what real data does:
 - Stock minute bars: the regular session (09:30-16:00 New York) has a bar nearly every
@@ -342,12 +342,14 @@ def bars(
     low = np.round(np.minimum(open_, close) * (1 - spread * _uniform(seed ^ 2, starts)), 4)
     vwap = _vwap(seed, starts, high, low, close)
     volume, trades = _volume_and_trades(seed, market, starts, span_ms)
-    if adjusted:
-        for split in revisions.splits.get(ticker, []):
-            before = starts < _ny_midnight_ms(split.effective)
-            for column in (open_, high, low, close, vwap):
-                column[before] = np.round(column[before] / split.ratio, 4)
-            volume = np.where(before, volume * split.ratio, volume)
+    # The synthetic series is the company's continuous price. A split makes each share worth
+    # 1/ratio from its day on (unadjusted bars drop there); adjusted bars divide the whole
+    # series, so they stay continuous across it and history before it is revised.
+    for split in revisions.splits.get(ticker, []):
+        scaled = starts >= (0 if adjusted else _ny_midnight_ms(split.effective))
+        for column in (open_, high, low, close, vwap):
+            column[scaled] = np.round(column[scaled] / split.ratio, 4)
+        volume = np.where(scaled, volume * split.ratio, volume)
     vwap = _within_hair(vwap, high, low)
     return {
         "v": volume,

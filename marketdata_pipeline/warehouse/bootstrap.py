@@ -22,6 +22,9 @@ TABLES = (
     "bars_rejected",
     "backfill_state",
     "polygon_requests",
+    "splits",
+    "split_fetches",
+    "loaded_months",
 )
 VIEWS = ("bars_hourly", "bars_weekly")
 
