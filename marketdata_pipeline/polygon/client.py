@@ -354,16 +354,9 @@ class PolygonClient:
         """The daily bars of `day` of the `tickers` among the whole market's, in one request;
         the frame has a `ticker` column. Values are read strictly, as by `decode_page`."""
         what = f"the grouped daily bars of {day}"
-        response = self._get(
+        envelope, results, request_id = self._json_body(
             f"{_GROUPED_PATHS[market]}/{day}", {"adjusted": str(adjusted).lower()}, what
         )
-        header_id = response.headers.get("X-Request-Id")
-        envelope, results = _json_envelope(self._without_key(response.content), what, header_id)
-        request_id = envelope.get("request_id") or header_id or "?"
-        if envelope.get("status") not in _OK_STATUSES:
-            raise PolygonResponseError(
-                f"Polygon returned an unexpected body for {what} (request id {request_id})"
-            )
         if envelope.get("adjusted") is not adjusted:
             raise PolygonResponseError(
                 f"Polygon answered adjusted={envelope.get('adjusted')} for {what} "
@@ -410,19 +403,27 @@ class PolygonClient:
                     "pagination stopped"
                 )
             followed.add(target)
-            response = self._get(target, params, what)
-            header_id = response.headers.get("X-Request-Id")
-            body, results = _json_envelope(self._without_key(response.content), what, header_id)
-            request_id = body.get("request_id") or header_id or "?"
-            if body.get("status") not in _OK_STATUSES:
-                raise PolygonResponseError(
-                    f"Polygon returned an unexpected body for {what} (request id {request_id})"
-                )
+            body, results, request_id = self._json_body(target, params, what)
             found += [_split(record, ticker, request_id) for record in results or ()]
             next_url = body.get("next_url")
             target = _path_and_query(next_url) if isinstance(next_url, str) else None
             params = None
         return found
+
+    def _json_body(
+        self, target: str, params: dict[str, Any] | None, what: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]] | None, str]:
+        """A JSON answer with an OK status (key redacted): its envelope, its `results` and
+        its request id."""
+        response = self._get(target, params, what)
+        header_id = response.headers.get("X-Request-Id")
+        body, results = _json_envelope(self._without_key(response.content), what, header_id)
+        request_id = body.get("request_id") or header_id or "?"
+        if body.get("status") not in _OK_STATUSES:
+            raise PolygonResponseError(
+                f"Polygon returned an unexpected body for {what} (request id {request_id})"
+            )
+        return body, results, request_id
 
     def _without_key(self, content: bytes) -> bytes:
         """A body with the key redacted, before any of it (a ticker, a request id, a bad
