@@ -61,6 +61,7 @@ class FetchedWindow:
     request_ids: list[str] = field(default_factory=list)
     pages: int = 0
     unavailable: str | None = None  # the provider's words, when the plan does not cover it
+    fetched_at: datetime | None = None  # when the provider answered: the adjustment it holds
 
 
 @dataclass
@@ -114,7 +115,13 @@ def _load(
     window, validation = part.window, part.validation
     try:
         load = replace_window(
-            conn, window, validation.valid, validation.rejected, run_id, accept_shrink=accept_shrink
+            conn,
+            window,
+            validation.valid,
+            validation.rejected,
+            run_id,
+            accept_shrink=accept_shrink,
+            fetched_at=part.fetched_at,
         )
     except ShrinkRefused as refusal:
         reason = f"{refusal} (request ids {', '.join(part.request_ids) or '?'})"
@@ -209,35 +216,37 @@ def ingest_grouped(
     had been fetched on its own."""
     market = windows[0].market
     symbol_of = {market.provider_ticker(w.symbol): w.symbol for w in windows}
-    received: dict[str, list[pl.DataFrame]] = collections.defaultdict(list)
+    # Each bar goes to the window of the day it was asked for (a wrong time is then rejected
+    # as outside it); the sessions asked are every symbol's, so a symbol takes only the days
+    # its own windows need.
+    window_of = {
+        (w.symbol, day): w for w in windows for day in sessions(market, w.first_day, w.last_day)
+    }
+    received: dict[Window, list[pl.DataFrame]] = collections.defaultdict(list)
     request_ids: dict[date, str] = {}
     fetched_at = datetime.now(UTC)
     for day in _grouped_days(windows):
         page = client.grouped_daily(market, day, symbol_of)
         request_ids[day], fetched_at = page.request_id, page.received_at or fetched_at
         for (ticker,), bars in page.frame.partition_by("ticker", as_dict=True).items():
-            received[symbol_of[str(ticker)]].append(bars.drop("ticker"))
-    raws: dict[Window, pl.DataFrame] = {}
-    for symbol, symbol_windows in _by_symbol(windows).items():
-        bars = pl.concat(received[symbol], how="diagonal") if received[symbol] else empty_bars()
-        # Like a stream's pages: a bar goes to the window its day is in; one before the first
-        # or after the last goes there, to be rejected as outside it.
-        ends = pl.Series([w.end for w in symbol_windows[:-1]], dtype=pl.Datetime("ms", "UTC"))
-        routed = bars.with_columns(
-            _window=ends.search_sorted(bars["ts"], side="right").fill_null(0),
-            symbol=pl.lit(symbol, pl.String()),
-        )
-        for index, window in enumerate(symbol_windows):
-            raws[window] = routed.filter(pl.col("_window") == index).drop("_window")
+            symbol = symbol_of[str(ticker)]
+            if window := window_of.get((symbol, day)):
+                received[window].append(bars.drop("ticker").with_columns(symbol=pl.lit(symbol)))
     same_days: dict[tuple[date, date], list[Window]] = collections.defaultdict(list)
     for window in windows:
         same_days[(window.first_day, window.last_day)].append(window)
     for (first_day, last_day), group in same_days.items():
         ids = [request_ids[d] for d in request_ids if first_day <= d <= last_day]
-        frame = pl.concat([raws[w] for w in group], how="diagonal")
+        frame = pl.concat(
+            [empty_bars().with_columns(symbol=pl.lit(None, pl.String()))]
+            + [bars for w in group for bars in received[w]],
+            how="diagonal",
+        )
         validations = validate_symbols(frame, group, fetched_at)
         for window in group:
-            part = FetchedWindow(window, validations[window.symbol], ids, pages=len(ids))
+            part = FetchedWindow(
+                window, validations[window.symbol], ids, pages=len(ids), fetched_at=fetched_at
+            )
             outcome = WindowOutcome(**vars(part))
             outcome.load, outcome.refused = _load(conn, part, run_id, accept_shrink)
             yield outcome
@@ -336,7 +345,9 @@ class _Gathered:
         raw = pl.concat(self.frames, how="diagonal") if self.frames else empty_bars()
         validation = validate(raw, window, fetched_at)
         request_ids = self.request_ids or ([last_request_id] if last_request_id else [])
-        return FetchedWindow(window, validation, request_ids, len(self.request_ids))
+        return FetchedWindow(
+            window, validation, request_ids, len(self.request_ids), fetched_at=fetched_at
+        )
 
 
 T = TypeVar("T")

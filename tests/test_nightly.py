@@ -20,6 +20,8 @@ from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResourc
 from marketdata_pipeline.defs.schedules import stock_bars_after_close
 from marketdata_pipeline.defs.sensors import backfill_status_sensor
 from marketdata_pipeline.domain import Market, Timeframe, Window
+from marketdata_pipeline.pipeline import ingest_grouped
+from marketdata_pipeline.polygon.client import PolygonClient
 from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
 from marketdata_pipeline.quality.calendars import last_complete_session, sessions
 from marketdata_pipeline.warehouse import connection as db
@@ -213,3 +215,26 @@ def test_a_provider_down_is_not_waited_for_once_per_symbol(
         o for o in observed if str(o.metadata["failed"].value).startswith("not attempted")
     ]
     assert len(not_attempted) == 2 * len(months_of(requests["stock_minute_bars"]))
+
+
+def test_grouped_days_asked_for_one_symbol_are_not_anothers_rejects(
+    migrated_conn: psycopg.Connection, sim: Simulator
+) -> None:
+    """A new symbol needs the whole month, the others two days: every session of the month is
+    fetched, and each symbol takes only its own days; nothing is quarantined."""
+    through = date(2024, 3, 15)
+    windows = [
+        Window(Market.STOCK, Timeframe.DAILY, "AAPL", date(2024, 3, 14), through),
+        Window(Market.STOCK, Timeframe.DAILY, "MSFT", date(2024, 3, 1), through),
+    ]
+    client = PolygonClient(None, "http://simulator", transport=sim.transport())
+    outcomes = {o.window.symbol: o for o in ingest_grouped(client, migrated_conn, windows)}
+    assert len([r for r in sim.requests if "/grouped/" in r]) == 11  # Mar 1..15's sessions
+    for window in windows:
+        load = outcomes[window.symbol].load
+        assert load is not None and load.rows_rejected == 0, window.symbol
+        want = bars_frame(sim.expected_bars(window.symbol, "day", window.first_day, through))
+        got = read_bars(migrated_conn, Timeframe.DAILY, window.symbol, window.start, window.end)
+        assert got.equals(want), window.symbol
+    [(rejected,)] = migrated_conn.execute("SELECT count(*) FROM bars_rejected").fetchall()
+    assert rejected == 0

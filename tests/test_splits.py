@@ -26,7 +26,12 @@ from marketdata_pipeline.defs.splits import split_revision_sensor, stock_splits
 from marketdata_pipeline.domain import Market, Split, Timeframe, Window
 from marketdata_pipeline.polygon.client import PolygonClient, PolygonResponseError
 from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer
-from marketdata_pipeline.registry.splits import replace_splits, splits_of, stale_months
+from marketdata_pipeline.registry.splits import (
+    SplitsRefused,
+    replace_splits,
+    splits_of,
+    stale_months,
+)
 from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse.bootstrap import bootstrap
 from tests.conftest import PROJECT_DIR, bars_frame, read_bars, run_cli
@@ -296,3 +301,27 @@ def test_an_announced_split_is_observed_until_it_takes_effect_then_revised(
     [event] = due.asset_events
     assert isinstance(event, dg.AssetMaterialization) and event.partition == "AAPL"
     assert "4:1 split on" in (event.description or "")
+
+
+def test_a_split_withdrawn_before_its_day_changes_nothing_and_an_empty_list_is_refused(
+    migrated_url: str,
+) -> None:
+    with db.connection(migrated_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO loaded_months VALUES "
+            "('daily', 'AAPL', '2024-01-01', now() - interval '4 days')"
+        )
+        replace_splits(conn, "AAPL", [Split("AAPL", date(2020, 8, 31), 1, 4, "e0")])
+        announced = Split("AAPL", date(2099, 1, 2), 1, 4, "e1")
+        replace_splits(conn, "AAPL", [Split("AAPL", date(2020, 8, 31), 1, 4, "e0"), announced])
+        replace_splits(conn, "AAPL", [Split("AAPL", date(2020, 8, 31), 1, 4, "e0")])  # withdrawn
+        # As if seen 3 days ago, withdrawn 2 days ago, and its day was yesterday.
+        conn.execute(
+            "UPDATE splits SET changed_at = now() - interval '3 days', "
+            "withdrawn_at = now() - interval '2 days', execution_date = current_date - 1 "
+            "WHERE provider_id = 'e1'"
+        )
+        assert stale_months(conn, ["AAPL"]) == [], "withdrawn before its day: never in effect"
+        with pytest.raises(SplitsRefused, match="listed no split where 1 are known"):
+            replace_splits(conn, "AAPL", [])
+        assert [s.provider_id for s in splits_of(conn, "AAPL")] == ["e0"]

@@ -4,6 +4,7 @@ revision sensor re-fetches every month loaded under the old adjustment, one rang
 symbol and bars asset."""
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -14,6 +15,7 @@ from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.polygon.client import PolygonError
 from marketdata_pipeline.registry.splits import (
+    SplitsRefused,
     StaleMonths,
     replace_splits,
     splits_of,
@@ -49,7 +51,7 @@ def stock_splits(
         for symbol in context.partition_keys:
             try:
                 change = replace_splits(conn, symbol, client.splits(symbol))
-            except PolygonError as error:
+            except (PolygonError, SplitsRefused) as error:
                 failed[symbol] = str(error)
                 context.log.error(f"{symbol}: {error}")
                 continue
@@ -138,8 +140,11 @@ def split_revision_sensor(
             specs[group.timeframe],
             [group.months[0].isoformat(), group.months[-1].isoformat()],
             [group.symbol],
-            # One run per change: a later tick asks again only after another change.
-            run_key=f"revision|{group.symbol}|{group.timeframe}|{group.since:%Y%m%dT%H%M%S}",
+            # One run per change and day: a failed revision is asked again the next day.
+            run_key=(
+                f"revision|{group.symbol}|{group.timeframe}|{group.since:%Y%m%dT%H%M%S}"
+                f"|{datetime.now(UTC):%Y-%m-%d}"
+            ),
             trigger="split revision",
             revision=f"{group.symbol} {group.why}",
         )

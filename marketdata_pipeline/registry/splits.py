@@ -16,14 +16,17 @@ from datetime import date, datetime
 import psycopg
 
 from marketdata_pipeline.domain import Market, Split, Timeframe
+from marketdata_pipeline.errors import MarketdataError
 
 _CHANGED_AT_FIRST = f"(%s::timestamp AT TIME ZONE '{Market.STOCK.zone.key}')"
 # When a split row's current state took effect: a withdrawal when withdrawn, else its change,
 # but never before its execution day starts in New York.
-_EFFECTIVE = (
-    "greatest(coalesce(s.withdrawn_at, s.changed_at), "
-    f"s.execution_date::timestamp AT TIME ZONE '{Market.STOCK.zone.key}')"
-)
+_EXECUTED = f"(s.execution_date::timestamp AT TIME ZONE '{Market.STOCK.zone.key}')"
+_EFFECTIVE = f"greatest(coalesce(s.withdrawn_at, s.changed_at), {_EXECUTED})"
+
+
+class SplitsRefused(MarketdataError):
+    """A fetch would have withdrawn every split of a symbol: a provider glitch looks so."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,14 @@ def replace_splits(conn: psycopg.Connection, symbol: str, fetched: Sequence[Spli
         stored = {
             day: (ratio_from, ratio_to, withdrawn) for day, ratio_from, ratio_to, withdrawn in rows
         }
+        in_effect = [day for day, (_, _, withdrawn) in stored.items() if not withdrawn]
+        if in_effect and not fetched:
+            # Withdrawing them would re-fetch the symbol's whole history, and again when
+            # they come back: an empty answer is refused, as an empty month is.
+            raise SplitsRefused(
+                f"{symbol}: the provider listed no split where {len(in_effect)} are known "
+                f"(latest {max(in_effect)}); kept as they are"
+            )
         change = SplitChange(symbol, first_fetch=first_fetch)
         for day, split in sorted(by_day.items()):
             before = stored.get(day)
@@ -143,6 +154,8 @@ def stale_months(conn: psycopg.Connection, symbols: Sequence[str]) -> list[Stale
                              || s.execution_date END AS why
             FROM splits s
             WHERE s.symbol = l.symbol AND {_EFFECTIVE} > l.loaded_at AND {_EFFECTIVE} <= now()
+              -- a split withdrawn before its day never changed any bar
+              AND NOT coalesce(s.withdrawn_at < {_EXECUTED}, false)
             ORDER BY 1 DESC LIMIT 1
         ) c ON true
         WHERE l.symbol = ANY(%s)

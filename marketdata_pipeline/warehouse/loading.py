@@ -14,6 +14,7 @@ month with nothing must not wipe it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import polars as pl
 import psycopg
@@ -58,6 +59,7 @@ def replace_window(
     run_id: str | None = None,
     *,
     accept_shrink: bool = False,
+    fetched_at: datetime | None = None,
 ) -> LoadResult:
     """Make the window hold exactly `bars` (validated) and its quarantine exactly `rejected`.
 
@@ -116,12 +118,17 @@ def replace_window(
                     ],
                 )
         # When the month was fetched whole is the adjustment it holds (splits); the days of a
-        # night leave its older days as they were, so only a first load counts.
+        # night leave its older days as they were, so they can only make it older.
         conn.execute(
-            "INSERT INTO loaded_months (timeframe, symbol, month, loaded_at) "
-            "VALUES (%s, %s, %s, now()) ON CONFLICT (timeframe, symbol, month) DO "
-            + ("UPDATE SET loaded_at = excluded.loaded_at" if window.is_whole_month else "NOTHING"),
-            (window.timeframe, symbol, window.month),
+            "INSERT INTO loaded_months AS l (timeframe, symbol, month, loaded_at) "
+            "VALUES (%s, %s, %s, coalesce(%s, now())) ON CONFLICT (timeframe, symbol, month) "
+            "DO UPDATE SET loaded_at = "
+            + (
+                "excluded.loaded_at"
+                if window.is_whole_month
+                else "least(l.loaded_at, excluded.loaded_at)"
+            ),
+            (window.timeframe, symbol, window.month, fetched_at),
         )
         in_month = bars.height
         if not window.is_whole_month:
