@@ -71,6 +71,11 @@ def test_registry_sensor_adds_removes_and_backfills_new_symbols(url, instance) -
     assert len(instance.get_dynamic_partitions("stock_symbols")) == 17
     assert sorted(instance.get_dynamic_partitions("crypto_symbols")) == ["BTC", "ETH", "SOL"]
     assert len(first.run_requests or []) == 20 * 2  # history of daily and minute bars per symbol
+    # Each new stock symbol's splits partition is materialized as it is registered, before
+    # any of its bars: they start fresh, not stale against it.
+    registered = [e for e in first.asset_events if isinstance(e, dg.AssetMaterialization)]
+    assert len(registered) == 17
+    assert {e.asset_key.to_user_string() for e in registered} == {"stock_splits"}
 
     again = sync(instance)
     assert not again.run_requests and not again.dynamic_partitions_requests
