@@ -28,9 +28,10 @@ from marketdata_pipeline.registry.symbols import active_symbols
     key=STOCK_SPLITS,
     description="Each stock symbol's splits from Polygon's splits reference "
     "(`/v3/reference/splits`), in the `splits` table: added, changed and withdrawn exactly as "
-    "the provider lists them. A partition (a symbol) is materialized when a change has taken "
-    "effect on months already loaded, so the symbol's bars partitions show stale until the "
-    "revision sensor has re-fetched them; any other fetch is observed.",
+    "the provider lists them. A partition (a symbol) is materialized once as the symbol is "
+    "registered, before its bars, and again when a change has taken effect on months already "
+    "loaded: the symbol's bars partitions then show stale until the revision sensor has "
+    "re-fetched them. Any other fetch is observed.",
     partitions_def=SYMBOL_PARTITIONS[Market.STOCK],
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool="polygon",
