@@ -160,6 +160,12 @@ def test_a_night_is_one_run_per_asset_loading_only_new_days_exactly(
         in_month = stored(warehouse_url, SPECS["stock_daily_bars"], symbol, whole, whole).height
         metadata = event.materialization.metadata
         assert metadata["dagster/row_count"].value == in_month
+        with psycopg.connect(warehouse_url) as conn:
+            [(quarantined,)] = conn.execute(
+                "SELECT count(*) FROM bars_rejected WHERE symbol = %s AND month = %s",
+                (symbol, month),
+            ).fetchall()
+        assert metadata["rejected_in_month"].value == quarantined
         assert in_month >= metadata["rows_loaded"].value  # type: ignore[operator]
 
 

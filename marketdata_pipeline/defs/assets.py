@@ -504,6 +504,7 @@ def _metadata(
     metadata: dict[str, dg.MetadataValue | str | int | float] = {
         "window": outcome.window.label,
         "dagster/row_count": outcome.load.rows_in_month,
+        "rejected_in_month": outcome.load.rejected_in_month,
         "rows_loaded": summary.loaded,
         "rows_rejected": summary.rejected,
         "rows_flagged": outcome.validation.flagged.height,

@@ -288,7 +288,7 @@ def _loaded_windows(
         loaded[(materialization.asset_key.to_user_string(), materialization.partition)] = (
             # The rows the month holds: a night loads only some of its days.
             _int(metadata.get("dagster/row_count")),
-            _int(metadata.get("rows_rejected")),
+            _int(metadata.get("rejected_in_month")),
         )
     return loaded
 

@@ -39,6 +39,7 @@ class LoadResult:
     rows_rejected: int
     rows_replaced: int  # rows the window held before
     rows_in_month: int  # rows of the window's month now (more than loaded for some days)
+    rejected_in_month: int  # the month's quarantined rows now
 
 
 def bar_table(timeframe: Timeframe) -> sql.Identifier:
@@ -130,7 +131,7 @@ def replace_window(
             ),
             (window.timeframe, symbol, window.month, fetched_at),
         )
-        in_month = bars.height
+        in_month, rejected_in_month = bars.height, rejected.height
         if not window.is_whole_month:
             [(in_month,)] = conn.execute(
                 sql.SQL(
@@ -138,4 +139,9 @@ def replace_window(
                 ).format(table),
                 (symbol, window.month_start, window.month_end),
             ).fetchall()
-    return LoadResult(bars.height, rejected.height, replaced, in_month)
+            [(rejected_in_month,)] = conn.execute(
+                "SELECT count(*) FROM bars_rejected WHERE timeframe = %s AND symbol = %s "
+                "AND month = %s",
+                (window.timeframe, symbol, window.month),
+            ).fetchall()
+    return LoadResult(bars.height, rejected.height, replaced, in_month, rejected_in_month)
