@@ -149,8 +149,8 @@ def test_status_sensor_after_success_failure_and_ranged_runs_twice(
 
     cursor = evaluate_status_sensor(instance)  # first tick: sees the runs before it
     said = re.fullmatch(
-        r"6 run event\(s\) read, 6 with window states: 10 window state\(s\) and (\d+) "
-        r"symbol status\(es\) written",
+        r"6 run event\(s\) read, 6 of bars runs: 10 write\(s\) to window states \(a run's "
+        r"start and end each write\) and (\d+) to symbol statuses",
         TICKS[-1],
     )  # a start and an end for each of 1 + 3 + 1 windows
     assert said and int(said.group(1)) >= 3, f"the tick says what it did: {TICKS[-1]}"

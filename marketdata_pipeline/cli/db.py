@@ -43,10 +43,13 @@ def db_status() -> None:
     click.echo(f"warehouse: {describe(url)}")
     click.echo(f"engine:    {engine}")
     click.echo("migrations:")
+    width = max(
+        (len(name) for name in [*(m.name for m in report.applied), *report.pending]), default=0
+    )
     for m in report.applied:
-        click.echo(f"  {m.version:03d}  {m.name:<40} {m.applied_at:%Y-%m-%d %H:%M:%S}Z")
+        click.echo(f"  {m.version:03d}  {m.name:<{width}}  {m.applied_at:%Y-%m-%d %H:%M:%S}Z")
     for name in report.pending:
-        click.echo(f"  ---  {name:<40} pending")
+        click.echo(f"  ---  {name:<{width}}  pending")
     click.echo("rows:")
     for table, count in report.row_counts.items():
         click.echo(f"  {table:<20} {'(missing)' if count is None else f'{count:>12,}'}")

@@ -49,7 +49,8 @@ def splits_registered(added: dict[Market, list[str]]) -> list[dg.AssetMaterializ
         dg.AssetMaterialization(
             STOCK_SPLITS,
             partition=symbol,
-            description="registered: no bars loaded yet; stock_splits fetches its splits",
+            description="registered (before any of its bars): its splits are fetched by the "
+            "next stock_splits_daily run",
         )
         for symbol in added.get(Market.STOCK, [])
     ]
@@ -369,7 +370,7 @@ def backfill_status_sensor(
     context.update_cursor(str(newest))
     # The UI files a tick without run requests under "skipped"; its text says what it did.
     return dg.SkipReason(
-        f"{len(events)} run event(s) read, {of_bars_runs} with window states: {windows} window "
-        f"state(s) and {symbols} symbol status(es) written"
+        f"{len(events)} run event(s) read, {of_bars_runs} of bars runs: {windows} write(s) to "
+        f"window states (a run's start and end each write) and {symbols} to symbol statuses"
         + (f", {skipped} event(s) could not be read" if skipped else "")
     )

@@ -46,7 +46,7 @@ class SplitChange:
         parts = [f"{s.ratio} split on {s.execution_date} added" for s in self.added]
         parts += [f"split on {s.execution_date} changed to {s.ratio}" for s in self.changed]
         parts += [f"split on {d} withdrawn" for d in self.withdrawn]
-        return "; ".join(parts) or "no change"
+        return "; ".join(parts) or ("first fetch: no split" if self.first_fetch else "no change")
 
 
 def replace_splits(conn: psycopg.Connection, symbol: str, fetched: Sequence[Split]) -> SplitChange:
