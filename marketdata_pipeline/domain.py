@@ -30,6 +30,10 @@ class Market(StrEnum):
         """Days (and so months) of this market begin at midnight in this zone."""
         return ZoneInfo("America/New_York" if self is Market.STOCK else "UTC")
 
+    def midnight(self, day: date) -> datetime:
+        """When `day` begins in this market, in UTC."""
+        return datetime.combine(day, time(0), self.zone).astimezone(UTC)
+
     @property
     def exchange_calendar(self) -> str | None:
         """The exchange-calendars name of its sessions; None when it trades every day."""
@@ -189,19 +193,19 @@ class Window:
     def start(self) -> datetime:
         """[start, end) in UTC: from midnight of the first day to midnight after the last,
         in the market's zone."""
-        return self._midnight(self.first_day)
+        return self.market.midnight(self.first_day)
 
     @property
     def end(self) -> datetime:
-        return self._midnight(self.last_day + timedelta(days=1))
+        return self.market.midnight(self.last_day + timedelta(days=1))
 
     @property
     def month_start(self) -> datetime:
-        return self._midnight(self.month)
+        return self.market.midnight(self.month)
 
     @property
     def month_end(self) -> datetime:
-        return self._midnight(next_month(self.month))
+        return self.market.midnight(next_month(self.month))
 
     @property
     def label(self) -> str:
@@ -209,9 +213,6 @@ class Window:
         if self.is_whole_month:
             return f"{self.month:%Y-%m}"
         return f"{self.first_day}..{self.last_day}"
-
-    def _midnight(self, day: date) -> datetime:
-        return datetime.combine(day, time(0), self.market.zone).astimezone(UTC)
 
 
 def _month(day: date) -> date:

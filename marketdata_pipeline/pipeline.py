@@ -172,7 +172,7 @@ def new_days(
             sql.SQL(
                 "SELECT symbol, max(ts) FROM {} WHERE symbol = ANY(%s) AND ts >= %s GROUP BY symbol"
             ).format(sql.Identifier(timeframe.table)),
-            (list(months_by_symbol), Window.of_month(market, timeframe, "", first_month).start),
+            (list(months_by_symbol), market.midnight(first_month)),
         ).fetchall()
     )
     plan = {}

@@ -63,9 +63,7 @@ class SharedRequestLimit:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._drop_session()
 
     def __repr__(self) -> str:
         return f"SharedRequestLimit({self.per_window} per {self.window_seconds:g} s)"
