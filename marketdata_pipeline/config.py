@@ -9,6 +9,9 @@ from datetime import date
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import limits
+from limits import RateLimitItem
+
 from marketdata_pipeline.domain import AssetClass
 from marketdata_pipeline.errors import ConfigError
 
@@ -89,6 +92,23 @@ DEFAULT_SYMBOLS: tuple[SeedSymbol, ...] = (
 def simulated() -> bool:
     """True when bars come from the offline simulator (set by `marketdata ui` without a key)."""
     return os.environ.get("MARKETDATA_SIMULATED", "") == "1"
+
+
+# `marketdata serve`: where it listens, and what each API key may ask of it.
+DEFAULT_API_HOST = "127.0.0.1"
+DEFAULT_API_PORT = 8000
+DEFAULT_API_RATE_LIMIT = "600/minute"
+
+
+def api_rate_limit(raw: str | None = None) -> RateLimitItem:
+    """A key's request limit: `raw`, else MARKETDATA_API_RATE_LIMIT, else 600 a minute."""
+    raw = raw or os.environ.get("MARKETDATA_API_RATE_LIMIT") or DEFAULT_API_RATE_LIMIT
+    try:
+        return limits.parse(raw)
+    except ValueError:
+        raise ConfigError(
+            f"API rate limit must read like 600/minute or 10 per second, got {raw[:40]!r}"
+        ) from None
 
 
 # What `marketdata ui` serves by default; MARKETDATA_UI_URL when the UI is elsewhere.

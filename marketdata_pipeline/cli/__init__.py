@@ -10,6 +10,7 @@ import psycopg
 
 from marketdata_pipeline.cli.db import bootstrap_command, db_group
 from marketdata_pipeline.cli.keys import keys_group
+from marketdata_pipeline.cli.serve import serve_command
 from marketdata_pipeline.cli.simulator import simulator_command
 from marketdata_pipeline.cli.stats import stats_command
 from marketdata_pipeline.cli.symbols import symbols_group
@@ -35,6 +36,7 @@ for command in (
     keys_group,
     stats_command,
     simulator_command,
+    serve_command,
     ui_command,
 ):
     cli.add_command(command)

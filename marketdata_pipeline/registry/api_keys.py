@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,9 +11,7 @@ import psycopg
 
 from marketdata_pipeline.errors import ConfigError, NotFound
 
-KEY_PREFIX = "mdw_"
-# 32 random bytes, URL-safe base64 without padding: 43 characters.
-_RAW_KEY = re.compile(r"^mdw_[A-Za-z0-9_-]{43}$")
+KEY_PREFIX = "mdw_"  # then 32 random bytes, URL-safe base64 without padding
 # api_keys.id is a bigint: a larger id cannot exist, and PostgreSQL refuses it as a parameter
 # (NumericValueOutOfRange) instead of finding no row.
 MAX_KEY_ID = 2**63 - 1
@@ -26,10 +23,6 @@ def hash_key(raw_key: str) -> str:
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def is_well_formed(raw_key: str) -> bool:
-    return bool(_RAW_KEY.fullmatch(raw_key))
 
 
 _SELECT = (
@@ -119,42 +112,45 @@ def delete(conn: psycopg.Connection, key_id: int) -> None:
 
 
 class KeyRejected(Exception):
-    """validate() refused a key: malformed, unknown (or deleted), or revoked."""
+    """authenticate() refused a key: unknown (never issued, or deleted) or revoked."""
+
+    def __init__(self, key_id: int | None) -> None:
+        super().__init__("invalid API key")
+        self.key_id = key_id  # the revoked key's id, for its audit row
 
 
-def validate(
-    conn: psycopg.Connection, raw_key: str, endpoint: str, method: str, status_code: int
-) -> ApiKey:
-    """Check a presented key and record its use: last_used, endpoint, count, an audit row.
+def authenticate(conn: psycopg.Connection, raw_key: str) -> ApiKey:
+    """The active key whose hash matches, or KeyRejected.
 
-    A refused key raises KeyRejected; a revoked key's refusal is audited against it.
+    Every presented key, well-formed or not, costs the same one index lookup of its SHA-256:
+    the time to refuse a key says nothing about how close it came to a real one.
     """
-    if not is_well_formed(raw_key):
-        raise KeyRejected("malformed API key")
+    row = conn.execute(f"{_SELECT} WHERE key_hash = %s", (hash_key(raw_key),)).fetchone()
+    if row is None:
+        raise KeyRejected(None)
+    key = ApiKey(*row)
+    if not key.active:
+        raise KeyRejected(key.id)
+    return key
+
+
+def record_use(
+    conn: psycopg.Connection, key_id: int | None, endpoint: str, method: str, status_code: int
+) -> None:
+    """Audit one request, and count it on its key when the key was accepted (an unknown
+    key's request is audited without a key; a revoked key's against it, uncounted)."""
     with conn.transaction():
-        row = conn.execute(
-            "SELECT id, active FROM api_keys WHERE key_hash = %s FOR UPDATE",
-            (hash_key(raw_key),),
-        ).fetchone()
-        if row is None:
-            raise KeyRejected("unknown API key")
-        key_id, active = row
         conn.execute(
             "INSERT INTO api_key_audit (key_id, endpoint, method, status_code) "
             "VALUES (%s, %s, %s, %s)",
-            (key_id, endpoint, method.upper(), status_code if active else 401),
+            (key_id, endpoint, method.upper(), status_code),
         )
-        if not active:
-            record = None
-        else:
-            record = conn.execute(
+        if key_id is not None:
+            conn.execute(
                 "UPDATE api_keys SET last_used = now(), last_used_endpoint = %s, "
-                "request_count = request_count + 1 WHERE id = %s " + _RETURNING,
+                "request_count = request_count + 1 WHERE id = %s AND active",
                 (endpoint, key_id),
-            ).fetchone()
-    if record is None:
-        raise KeyRejected("revoked API key")  # raised after the commit: the refusal is audited
-    return ApiKey(*record)
+            )
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""PostgreSQL binary COPY encoding of one symbol's bars frame, vectorized with numpy.
+"""PostgreSQL binary COPY of bars, both ways, vectorized with numpy: no per-row Python.
 
-Rows are written as fixed-width records grouped by which nullable columns are null, so each
-group is one numpy structured array turned into bytes at once: no per-row Python. The symbol
-is the same in every row, so its text field has a fixed width too.
+Writing: rows are fixed-width records grouped by which nullable columns are null, so each
+group is one numpy structured array turned into bytes at once. The symbol is the same in
+every row, so its text field has a fixed width too. Reading: see FIXED_WIDTH_SELECT.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -66,3 +68,71 @@ def _records(
         else:
             records[f"{column}_len"] = -1
     return records.tobytes()
+
+
+# Decoding: the read side selects fixed-width fields only (a NULL is sent as a value and a
+# presence flag), so every record has one size and a block of them is one numpy array.
+FIXED_WIDTH_SELECT = (
+    "ts, open, high, low, close, volume, coalesce(vwap, 0), vwap IS NOT NULL, "
+    "coalesce(trades, 0), trades IS NOT NULL"
+)
+_FIXED_RECORD = np.dtype(
+    [
+        ("count", ">i2"),
+        ("ts_len", ">i4"),
+        ("ts", ">i8"),
+        *((name, dtype) for column in (*_PRICES, "vwap") for name, dtype in
+          ((f"{column}_len", ">i4"), (column, ">f8"))),
+        ("vwap_present_len", ">i4"),
+        ("vwap_present", "?"),
+        ("trades_len", ">i4"),
+        ("trades", ">i8"),
+        ("trades_present_len", ">i4"),
+        ("trades_present", "?"),
+    ]
+)  # fmt: skip
+_FIELDS = 10
+
+
+class MalformedCopy(ValueError):
+    pass
+
+
+def decode_fixed_width(
+    chunks: Iterable[bytes | bytearray | memoryview], *, batch_rows: int
+) -> Iterator[np.ndarray]:
+    """Blocks of at most `batch_rows` records from a binary COPY of FIXED_WIDTH_SELECT."""
+    size = _FIXED_RECORD.itemsize
+    pending: list[bytes] = []
+    pending_bytes = 0
+    header_seen = False
+    for chunk in chunks:
+        if not header_seen:
+            if bytes(chunk[: len(_HEADER)]) != _HEADER:
+                raise MalformedCopy("not a binary COPY stream without header extensions")
+            chunk = chunk[len(_HEADER) :]
+            header_seen = True
+        pending.append(bytes(chunk))  # a memoryview would hold its libpq buffer
+        pending_bytes += len(chunk)
+        if pending_bytes >= batch_rows * size:
+            buffer = b"".join(pending)
+            whole = len(buffer) - len(buffer) % size
+            yield _records_of(buffer[:whole])
+            pending, pending_bytes = [buffer[whole:]], len(buffer) - whole
+    buffer = b"".join(pending)
+    if not buffer.endswith(_TRAILER) or (len(buffer) - len(_TRAILER)) % size:
+        raise MalformedCopy("binary COPY stream ended inside a record")
+    if len(buffer) > len(_TRAILER):
+        yield _records_of(buffer[: -len(_TRAILER)])
+
+
+def _records_of(buffer: bytes) -> np.ndarray:
+    records = np.frombuffer(buffer, dtype=_FIXED_RECORD)
+    if not (records["count"] == _FIELDS).all():
+        raise MalformedCopy(f"binary COPY record without {_FIELDS} fields")
+    return records
+
+
+def epoch_us(postgres_us: np.ndarray) -> np.ndarray:
+    """PostgreSQL's timestamptz (microseconds since 2000-01-01) as Unix microseconds."""
+    return postgres_us.astype(np.int64) + _POSTGRES_EPOCH_MS * 1000

@@ -1,0 +1,266 @@
+"""The read API's application: routes, the API-key gate, errors as one JSON line."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import anyio
+import psycopg
+from limits import RateLimitItem
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from marketdata_pipeline.api import bars, openapi
+from marketdata_pipeline.api.bars import ApiError
+from marketdata_pipeline.api.pool import WarehousePool
+from marketdata_pipeline.domain import AssetClass, InvalidSymbol
+from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable, NotFound
+from marketdata_pipeline.registry import api_keys, backfill_state, symbols
+from marketdata_pipeline.registry.backfill_state import WindowCounts
+from marketdata_pipeline.registry.stats import stats
+from marketdata_pipeline.registry.symbols import TrackedSymbol
+from marketdata_pipeline.warehouse.reading import latest_bars
+
+OPENAPI_PATH = "/v1/openapi.json"
+AUDIT_SHOWN = 20
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class KeyGate:
+    """Every request under /v1 but the OpenAPI document needs an active X-API-Key, within
+    the key's rate limit. Each is audited (and counted on its key) with its status as its
+    response starts, so a client's next request already sees it in its usage."""
+
+    def __init__(self, app: ASGIApp, warehouse: WarehousePool, rate_limit: RateLimitItem) -> None:
+        self.app = app
+        self.warehouse = warehouse
+        self.rate_limit = rate_limit
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == OPENAPI_PATH:
+            await self.app(scope, receive, send)
+            return
+        try:
+            key_id, refusal = await self._check(scope, Headers(scope=scope).get("x-api-key"))
+        except DatabaseUnavailable as unavailable:  # nothing can be checked nor audited
+            await error(503, str(unavailable))(scope, receive, send)
+            return
+
+        async def send_audited(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Shielded: a client that hangs up still has its request audited.
+                with anyio.CancelScope(shield=True):
+                    await self.warehouse.run(
+                        api_keys.record_use,
+                        key_id,
+                        scope["path"][:500],
+                        scope["method"],
+                        message["status"],
+                    )
+            await send(message)
+
+        await (refusal or self.app)(scope, receive, send_audited)
+
+    async def _check(self, scope: Scope, raw_key: str | None) -> tuple[int | None, Response | None]:
+        """The key id to audit the request against, and the refusal if it is refused; an
+        accepted key goes into the request's state."""
+        if not raw_key:
+            return None, error(401, "missing X-API-Key header")
+        try:
+            key = await self.warehouse.run(api_keys.authenticate, raw_key)
+        except api_keys.KeyRejected as rejected:
+            return rejected.key_id, error(401, "invalid API key: unknown, revoked or deleted")
+        scope.setdefault("state", {})["api_key"] = key
+        return key.id, self._over_limit(key)
+
+    def _over_limit(self, key: api_keys.ApiKey) -> Response | None:
+        if self.limiter.hit(self.rate_limit, str(key.id)):
+            return None
+        reset_at, _ = self.limiter.get_window_stats(self.rate_limit, str(key.id))
+        wait = max(1, math.ceil(reset_at - time.time()))
+        return error(
+            429,
+            f"rate limit of {self.rate_limit} for this key reached: retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+    def remaining(self, key: api_keys.ApiKey) -> int:
+        return self.limiter.get_window_stats(self.rate_limit, str(key.id))[1]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def _windows(counts: WindowCounts) -> dict[str, int]:
+    return {
+        "windows_loaded": counts.loaded,
+        "windows_beyond_plan": counts.unavailable,
+        "windows_expected": backfill_state.expected_windows(),
+    }
+
+
+def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
+    """The API over the warehouse at `url`, each key allowed `rate_limit` requests."""
+    warehouse = WarehousePool(url)
+
+    async def health(request: Request) -> Response:
+        latest = await warehouse.run(latest_bars)
+        return JSONResponse(
+            {
+                "warehouse": "reachable",
+                "latest_bar": {
+                    asset_class: {size: _iso(ts) for size, ts in per_size.items()}
+                    for asset_class, per_size in latest.items()
+                },
+            }
+        )
+
+    async def usage(request: Request) -> Response:
+        key: api_keys.ApiKey = request.state.api_key
+        recent = await warehouse.run(
+            lambda conn: api_keys.audit(conn, key_id=key.id, limit=AUDIT_SHOWN)
+        )
+        return JSONResponse(
+            {
+                "id": key.id,
+                "name": key.name,
+                "created_at": _iso(key.created_at),
+                "request_count": key.request_count,
+                "last_used": _iso(key.last_used),
+                "last_used_endpoint": key.last_used_endpoint,
+                "rate_limit": str(rate_limit),
+                "rate_limit_remaining": gate.remaining(key),
+                "recent_requests": [
+                    {"endpoint": e.endpoint, "method": e.method, "status": e.status_code,
+                     "at": _iso(e.timestamp)}
+                    for e in recent
+                ],
+            }
+        )  # fmt: skip
+
+    async def symbol_list(request: Request) -> Response:
+        raw_class = request.query_params.get("asset_class")
+        try:
+            asset_class = AssetClass.parse(raw_class) if raw_class else None
+        except ConfigError as bad:
+            raise ApiError(400, str(bad)) from None
+
+        def read(conn: psycopg.Connection) -> tuple[list[TrackedSymbol], dict[str, WindowCounts]]:
+            tracked = symbols.list_symbols(conn, asset_class=asset_class)
+            return tracked, backfill_state.window_counts(conn)
+
+        tracked, counts = await warehouse.run(read)
+        return JSONResponse(
+            {
+                "symbols": [
+                    {"symbol": t.symbol, "asset_class": t.asset_class,
+                     "backfill_status": t.backfill_status, "backfill_error": t.backfill_error,
+                     "last_backfill": _iso(t.last_backfill),
+                     **_windows(counts.get(t.symbol, WindowCounts()))}
+                    for t in tracked
+                ]
+            }
+        )  # fmt: skip
+
+    async def symbol_stats(request: Request) -> Response:
+        def read(conn: psycopg.Connection) -> tuple:
+            tracked, per_timeframe = stats(conn, request.path_params["symbol"])
+            counts = backfill_state.window_counts(conn).get(tracked.symbol, WindowCounts())
+            return tracked, per_timeframe, counts
+
+        tracked, per_timeframe, counts = await warehouse.run(read)
+        return JSONResponse(
+            {
+                "symbol": tracked.symbol,
+                "asset_class": tracked.asset_class,
+                "active": tracked.active,
+                "backfill_status": tracked.backfill_status,
+                **_windows(counts),
+                "timeframes": {
+                    s.timeframe.value: {
+                        "bars": s.bars,
+                        "first_bar": _iso(s.first_bar),
+                        "last_bar": _iso(s.last_bar),
+                        "rejected": s.rejected,
+                        "validation_rate": s.validation_rate,
+                        "missing_days": None
+                        if s.missing_days is None
+                        else [d.isoformat() for d in s.missing_days],
+                    }
+                    for s in per_timeframe
+                },
+            }
+        )
+
+    async def bars_of_symbol(request: Request) -> Response:
+        return await bars.respond(request, warehouse)
+
+    async def document(request: Request) -> Response:
+        return JSONResponse(openapi.DOCUMENT)
+
+    def one_line(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+        async def handler(request: Request, exc: Exception) -> Response:
+            return error(status, str(exc))
+
+        return handler
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error(exc.status, exc.message)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        return error(500, "internal error: the server's log has the details")
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error(404, f"no endpoint {request.url.path[:100]} (see {OPENAPI_PATH})")
+        if exc.status_code == 405:
+            return error(405, f"{request.method} is not allowed: this API is read-only")
+        return error(exc.status_code, exc.detail, headers=exc.headers)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        warehouse.pool.open()
+        try:
+            yield
+        finally:
+            warehouse.pool.close()
+
+    app = Starlette(
+        routes=[
+            Route(OPENAPI_PATH, document),
+            Route("/v1/health", health),
+            Route("/v1/usage", usage),
+            Route("/v1/symbols", symbol_list),
+            Route("/v1/symbols/{symbol}/stats", symbol_stats),
+            Route("/v1/bars/{symbol}", bars_of_symbol),
+        ],
+        exception_handlers={
+            ApiError: on_api_error,
+            HTTPException: on_http,
+            InvalidSymbol: one_line(400),
+            NotFound: one_line(404),
+            DatabaseUnavailable: one_line(503),
+            Exception: on_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    gate = KeyGate(app, warehouse, rate_limit)
+    return gate

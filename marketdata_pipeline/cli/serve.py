@@ -1,0 +1,38 @@
+"""`marketdata serve`: the read API over the warehouse, for the API keys' holders."""
+
+from __future__ import annotations
+
+import click
+import uvicorn
+
+from marketdata_pipeline import config
+from marketdata_pipeline.api.app import OPENAPI_PATH, create_app
+from marketdata_pipeline.warehouse import embedded
+from marketdata_pipeline.warehouse.connection import connection, describe
+from marketdata_pipeline.warehouse.migrations import pending
+
+
+@click.command("serve")
+@click.option("--host", default=config.DEFAULT_API_HOST, show_default=True)
+@click.option(
+    "--port", default=config.DEFAULT_API_PORT, show_default=True, type=click.IntRange(1, 65535)
+)
+@click.option(
+    "--rate-limit",
+    help="Requests each API key may make, like 600/minute or 20 per second "
+    f"[default: MARKETDATA_API_RATE_LIMIT, else {config.DEFAULT_API_RATE_LIMIT}].",
+)
+def serve_command(host: str, port: int, rate_limit: str | None) -> None:
+    """Serve the read-only HTTP API: bars, symbols, stats, health, usage (X-API-Key)."""
+    limit = config.api_rate_limit(rate_limit)
+    url = embedded.warehouse_url()
+    with connection(url) as conn:  # a clear error now rather than a 503 on every request
+        if waiting := pending(conn):
+            raise click.ClickException(
+                f"the warehouse has {len(waiting)} migration(s) pending: run `marketdata bootstrap`"
+            )
+    click.echo(
+        f"read API: http://{host}:{port}/v1 (document {OPENAPI_PATH}; warehouse {describe(url)}; "
+        f"{limit} per key)"
+    )
+    uvicorn.run(create_app(url, limit), host=host, port=port, log_level="warning")

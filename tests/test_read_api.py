@@ -1,0 +1,486 @@
+"""The read API (`marketdata serve`) as a consumer meets it: a real server process on a real
+socket over a real PostgreSQL, every endpoint and format read back against the tables."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import psycopg
+import pytest
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_openapi
+from psycopg import sql
+
+from marketdata_pipeline.api.openapi import DOCUMENT
+from marketdata_pipeline.domain import AssetClass
+from marketdata_pipeline.registry import api_keys, symbols
+from marketdata_pipeline.warehouse import migrations
+from marketdata_pipeline.warehouse.connection import connection, with_database
+from tests.conftest import PROJECT_DIR, free_port
+
+# A year of crypto minutes (24/7): the "year of minute bars" that must stream, not be held.
+YEAR_START, YEAR_END = "2023-01-01T00:00:00Z", "2024-01-01T00:00:00Z"
+YEAR_OF_MINUTES = 365 * 24 * 60
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, key: str | None) -> httpx.Client:
+        headers = {"X-API-Key": key} if key is not None else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def peak_rss_kib(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        assert match
+        return int(match.group(1))
+
+
+@contextmanager
+def api_server(url: str, log: Path, *args: str) -> Iterator[Server]:
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "marketdata_pipeline", "serve", "--port", str(port), *args],
+            env={**os.environ, "DATABASE_URL": url},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_DIR,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{server.url}/v1/openapi.json", timeout=2).raise_for_status()
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"marketdata serve did not start: {log.read_text()}")
+                time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def warehouse(pg_admin_url: str) -> Iterator[str]:
+    """AAPL (stock) minutes of four January sessions and a year of daily bars; BTC (crypto)
+    minutes of all of 2023. Random full-precision doubles, some vwap and trades NULL."""
+    name = f"t_api_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(pg_admin_url, name)
+    with connection(url) as conn:
+        migrations.migrate(conn)
+        symbols.add(conn, "AAPL", AssetClass.STOCK)
+        symbols.add(conn, "BTC", AssetClass.CRYPTO)
+        symbols.add(conn, "MSFT", AssetClass.STOCK)  # registered, nothing loaded yet
+        conn.execute("SELECT setseed(0.42)")
+        bars = (
+            "INSERT INTO {table} SELECT %s, ts, 100 + random(), 102 + random(), 98 + random(), "
+            "100 + random(), {volume}, CASE WHEN random() < 0.05 THEN NULL ELSE 100 + random() "
+            "END, CASE WHEN random() < 0.05 THEN NULL ELSE (random() * 500)::int END "
+            "FROM generate_series(%s::timestamptz, %s::timestamptz, %s::interval) ts {where}"
+        )
+        for table, symbol, first, last, step, volume, where in (
+            ("bars_minute", "AAPL", "2024-01-02 09:00", "2024-01-05 20:00", "1 minute",
+             "(random() * 10000)::int", "WHERE (ts AT TIME ZONE 'America/New_York')::time "
+             "BETWEEN '04:00' AND '19:59'"),
+            ("bars_daily", "AAPL", "2024-01-01 00:00", "2024-12-31 00:00", "1 day",
+             "(random() * 1e7)::int", "WHERE extract(isodow FROM ts) < 6"),
+            ("bars_minute", "BTC", "2023-01-01 00:00+00", "2023-12-31 23:59+00", "1 minute",
+             "random() * 3", ""),
+        ):  # fmt: skip
+            if table == "bars_daily":  # stock days start at midnight New York
+                first, last = f"{first} America/New_York", f"{last} America/New_York"
+            statement = sql.SQL(bars).format(
+                table=sql.Identifier(table), volume=sql.SQL(volume), where=sql.SQL(where)
+            )
+            conn.execute(statement, (symbol, first, last, step))
+        conn.execute("ANALYZE")
+    yield url
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def key(warehouse: str) -> str:
+    with connection(warehouse) as conn:
+        return api_keys.create(conn, "notebook")[1]
+
+
+@pytest.fixture(scope="module")
+def server(warehouse: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with api_server(warehouse, tmp_path_factory.mktemp("api") / "serve.log") as running:
+        yield running
+
+
+def _schema(name: str) -> Draft202012Validator:
+    return Draft202012Validator(
+        {"$ref": f"#/components/schemas/{name}", "components": DOCUMENT["components"]},
+        format_checker=Draft202012Validator.FORMAT_CHECKER,
+    )
+
+
+def _stored(url: str, relation: str, symbol: str, start: str, end: str) -> pl.DataFrame:
+    with connection(url) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT ts, open, high, low, close, volume, vwap, trades FROM {} "
+                "WHERE symbol = %s AND ts >= %s AND ts < %s ORDER BY ts"
+            ).format(sql.Identifier(relation)),
+            (symbol, start, end),
+        ).fetchall()
+    return _frame(rows)
+
+
+FRAME_SCHEMA = pl.Schema(
+    {
+        "ts": pl.Datetime("us", "UTC"),
+        **{c: pl.Float64() for c in ("open", "high", "low", "close", "volume", "vwap")},
+        "trades": pl.Int64(),
+    }
+)
+
+
+def _frame(rows: list[Any]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=FRAME_SCHEMA, orient="row")
+
+
+def _read(fmt: str, body: bytes) -> pl.DataFrame:
+    if fmt == "arrow":
+        return pl.read_ipc_stream(body)
+    if fmt == "parquet":
+        return pl.read_parquet(body)
+    assert fmt == "csv"
+    frame = pl.read_csv(io.BytesIO(body), schema_overrides={"ts": pl.String})
+    return frame.with_columns(
+        pl.col("ts").str.to_datetime("%Y-%m-%d %H:%M:%S%#z", time_unit="us", time_zone="UTC")
+    ).cast(dict(FRAME_SCHEMA))  # type: ignore[arg-type]
+
+
+def test_the_openapi_document_is_valid_and_needs_no_key(server: Server) -> None:
+    served = httpx.get(f"{server.url}/v1/openapi.json").json()
+    validate_openapi(served)
+    assert served == DOCUMENT
+    assert set(served["paths"]) == {
+        "/v1/bars/{symbol}", "/v1/symbols", "/v1/symbols/{symbol}/stats", "/v1/health",
+        "/v1/usage", "/v1/openapi.json",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("timeframe", ["minute", "hourly", "daily", "weekly"])
+@pytest.mark.parametrize("fmt", ["json", "csv", "arrow", "parquet"])
+def test_bars_read_back_exactly_in_every_timeframe_and_format(
+    server: Server, key: str, warehouse: str, timeframe: str, fmt: str
+) -> None:
+    # Dates are market days in New York: Jan 3 through Jan 4 inclusive.
+    start, end = "2024-01-03T05:00:00Z", "2024-01-05T05:00:00Z"
+    if timeframe in ("daily", "weekly"):
+        start, end = "2024-01-01T05:00:00Z", "2024-07-01T04:00:00Z"
+    relation = f"bars_{timeframe}"
+    expected = _stored(warehouse, relation, "AAPL", start, end)
+    assert expected.height > 10
+    if timeframe in ("minute", "daily"):
+        assert expected["vwap"].null_count() > 0 and expected["trades"].null_count() > 0
+    if relation == "bars_daily":
+        assert expected["ts"][0] == datetime(2024, 1, 1, 5, tzinfo=UTC)
+    dates = {"minute": ("2024-01-03", "2024-01-04"), "hourly": ("2024-01-03", "2024-01-04")}
+    first, last = dates.get(timeframe, ("2024-01-01", "2024-06-30"))
+    with server.client(key) as client:
+        if fmt == "json":
+            pages, got = 0, []
+            url: str | None = f"/v1/bars/AAPL?timeframe={timeframe}&start={first}&end={last}"
+            url = f"{url}&limit={max(1, expected.height // 3)}"
+            while url:
+                page = client.get(url)
+                assert page.status_code == 200, page.text
+                _schema("BarsPage").validate(page.json())
+                got += [list(bar.values()) for bar in page.json()["bars"]]
+                url, pages = page.json()["next"], pages + 1
+            assert pages >= 3, "paged by limit, each page linking the next"
+            received = _frame([[datetime.fromisoformat(r[0]), *r[1:]] for r in got])
+        else:
+            response = client.get(
+                f"/v1/bars/AAPL?timeframe={timeframe}&start={first}&end={last}&format={fmt}"
+            )
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"].startswith(
+                {"csv": "text/csv", "arrow": "application/vnd.apache.arrow.stream",
+                 "parquet": "application/vnd.apache.parquet"}[fmt]
+            )  # fmt: skip
+            received = _read(fmt, response.content)
+    assert received.equals(expected), f"{fmt} {timeframe}: not the stored bars"
+
+
+def test_an_empty_range_is_an_empty_document_in_every_format(server: Server, key: str) -> None:
+    with server.client(key) as client:
+        for fmt in ("json", "csv", "arrow", "parquet"):
+            response = client.get(f"/v1/bars/MSFT?timeframe=minute&start=2024-01-02&format={fmt}")
+            assert response.status_code == 200, response.text
+            if fmt == "json":
+                assert response.json()["bars"] == [] and response.json()["next"] is None
+            else:
+                frame = _read(fmt, response.content)
+                assert frame.height == 0 and frame.columns == list(FRAME_SCHEMA)
+
+
+def test_symbols_stats_health_and_usage_tell_the_truth(
+    server: Server, key: str, warehouse: str
+) -> None:
+    with server.client(key) as client:
+        listed = client.get("/v1/symbols").json()
+        crypto = client.get("/v1/symbols?asset_class=crypto").json()
+        stats = client.get("/v1/symbols/aapl/stats").json()
+        msft = client.get("/v1/symbols/MSFT/stats").json()
+        health = client.get("/v1/health").json()
+    _schema("Symbol").validate(listed["symbols"][0])
+    assert [s["symbol"] for s in listed["symbols"]] == ["AAPL", "BTC", "MSFT"]
+    assert [s["symbol"] for s in crypto["symbols"]] == ["BTC"]
+    assert {s["backfill_status"] for s in listed["symbols"]} == {"pending"}
+    _schema("SymbolStats").validate(stats)
+    with connection(warehouse) as conn:
+        minute_bars, first, last = conn.execute(
+            "SELECT count(*), min(ts), max(ts) FROM bars_minute WHERE symbol = 'AAPL'"
+        ).fetchone() or (0, None, None)
+        latest_btc = conn.execute("SELECT max(ts) FROM bars_minute WHERE symbol = 'BTC'").fetchone()
+    assert stats["timeframes"]["minute"]["bars"] == minute_bars > 3000
+    assert stats["timeframes"]["minute"]["first_bar"] == f"{first:%Y-%m-%dT%H:%M:%SZ}"
+    assert stats["timeframes"]["minute"]["last_bar"] == f"{last:%Y-%m-%dT%H:%M:%SZ}"
+    assert stats["timeframes"]["minute"]["missing_days"] == [], "Jan 2-5 are all sessions"
+    assert stats["timeframes"]["minute"]["validation_rate"] == 1.0
+    nothing = msft["timeframes"]["daily"]
+    assert nothing["bars"] == 0 and nothing["validation_rate"] is None
+    assert nothing["missing_days"] is None, "no gaps measured without bars: null, not 0"
+    _schema("Health").validate(health)
+    assert health["warehouse"] == "reachable"
+    assert health["latest_bar"]["crypto"] == {
+        "minute": f"{latest_btc[0]:%Y-%m-%dT%H:%M:%SZ}" if latest_btc else None,
+        "daily": None,
+    }
+    assert health["latest_bar"]["etf"] == {"minute": None, "daily": None}
+
+
+def test_usage_and_audit_count_every_request_with_its_status(
+    server: Server, warehouse: str
+) -> None:
+    with connection(warehouse) as conn:
+        record, raw = api_keys.create(conn, "dashboard")
+    with server.client(raw) as client:
+        statuses = [
+            client.get("/v1/health").status_code,
+            client.get("/v1/bars/AAPL?start=2024-01-02&format=arrow").status_code,
+            client.get("/v1/bars/NOPE?start=2024-01-02").status_code,
+            client.get("/v1/bars/AAPL?start=yesterday").status_code,
+        ]
+        assert statuses == [200, 200, 404, 400]
+        usage = client.get("/v1/usage").json()
+    _schema("Usage").validate(usage)
+    assert usage["name"] == "dashboard" and usage["request_count"] == 4, "before this request"
+    assert [(r["endpoint"], r["status"]) for r in usage["recent_requests"]] == [
+        ("/v1/bars/AAPL", 400), ("/v1/bars/NOPE", 404), ("/v1/bars/AAPL", 200),
+        ("/v1/health", 200),
+    ]  # fmt: skip
+    with connection(warehouse) as conn:
+        stored = api_keys.get(conn, record.id)
+        trail = api_keys.audit(conn, key_id=record.id)
+    assert stored.request_count == 5 and stored.last_used_endpoint == "/v1/usage"
+    assert next((e.endpoint, e.method, e.status_code) for e in trail) == ("/v1/usage", "GET", 200)
+    assert len(trail) == 5
+
+
+def test_every_auth_failure_is_one_401_line_audited_and_the_key_never_logged(
+    server: Server, warehouse: str
+) -> None:
+    with connection(warehouse) as conn:
+        revoked, revoked_raw = api_keys.create(conn, "revoked")
+        api_keys.revoke(conn, revoked.id)
+        deleted, deleted_raw = api_keys.create(conn, "deleted")
+        api_keys.delete(conn, deleted.id)
+        live, live_raw = api_keys.create(conn, "live")
+        before = len(api_keys.audit(conn, limit=10_000))
+    near_miss = live_raw[:-1] + ("A" if live_raw[-1] != "A" else "B")
+    refused = {
+        "missing": None,
+        "empty": "",
+        "malformed": "not-a-key",
+        "unknown": api_keys.generate_key(),
+        "near miss": near_miss,
+        "revoked": revoked_raw,
+        "deleted": deleted_raw,
+    }
+    for why, raw in refused.items():
+        with server.client(raw) as client:
+            for path in ("/v1/health", "/v1/bars/AAPL?start=2024-01-02", "/v1/nowhere"):
+                response = client.get(path)
+                assert response.status_code == 401, f"{why} {path}: {response.status_code}"
+                message = response.json()["error"]
+                assert message in {
+                    "missing X-API-Key header",
+                    "invalid API key: unknown, revoked or deleted",
+                }, message
+                assert (raw or "") not in response.text or not raw
+    with connection(warehouse) as conn:
+        trail = api_keys.audit(conn, limit=10_000)
+        new = trail[: len(trail) - before]  # newest first
+        assert len(new) == len(refused) * 3 and {e.status_code for e in new} == {401}
+        assert {e.key_id for e in new} == {None, revoked.id}
+        against_revoked = api_keys.audit(conn, key_id=revoked.id)
+        assert len(against_revoked) == 3, "a revoked key's refusals are audited against it"
+        assert api_keys.get(conn, revoked.id).request_count == 0, "and not counted as uses"
+        assert api_keys.get(conn, live.id).request_count == 0, "a near miss is not its key"
+    logged = server.log.read_text()
+    for raw in (*filter(None, refused.values()), live_raw):
+        assert raw not in logged
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "message"),
+    [
+        ("/v1/bars/AAPL", 400, "start is required"),
+        ("/v1/bars/AAPL?start=2024-13-01", 400, "start '2024-13-01' is neither a date"),
+        ("/v1/bars/AAPL?start=2024-01-02T10:00", 400, "has no time zone"),
+        ("/v1/bars/AAPL?start=2024-01-05&end=2024-01-02", 400, "is not before end"),
+        ("/v1/bars/AAPL?start=2024-01-02&timeframe=yearly", 400, "timeframe must be one of"),
+        ("/v1/bars/AAPL?start=2024-01-02&format=xlsx", 400, "format must be one of"),
+        ("/v1/bars/AAPL?start=2024-01-02&limit=50001", 400, "limit must be 1 to 50,000"),
+        ("/v1/bars/AAPL?start=2024-01-02&limit=ten", 400, "limit must be a whole number"),
+        ("/v1/bars/AAPL?start=2024-01-02&format=csv&limit=5", 400, "limit pages JSON only"),
+        ("/v1/bars/ZZZZ?start=2024-01-02", 404, "symbol ZZZZ is not registered"),
+        ("/v1/bars/BAD$?start=2024-01-02", 400, "invalid symbol 'BAD$'"),
+        ("/v1/symbols?asset_class=bond", 400, "invalid asset class 'bond'"),
+        ("/v1/symbols/ZZZZ/stats", 404, "symbol ZZZZ is not registered"),
+        ("/v2/bars/AAPL", 404, "no endpoint /v2/bars/AAPL"),
+    ],
+)
+def test_bad_input_gets_a_4xx_with_one_readable_line(
+    server: Server, key: str, query: str, status: int, message: str
+) -> None:
+    with server.client(key) as client:
+        response = client.get(query)
+    assert response.status_code == status
+    body = response.json()
+    assert list(body) == ["error"] and message in body["error"] and "\n" not in body["error"]
+
+
+def test_writes_are_refused(server: Server, key: str) -> None:
+    with server.client(key) as client:
+        for method in ("POST", "PUT", "DELETE"):
+            response = client.request(method, "/v1/symbols")
+            assert response.status_code == 405
+            assert response.json() == {"error": f"{method} is not allowed: this API is read-only"}
+
+
+def test_a_key_over_its_rate_limit_gets_429_with_retry_after(
+    warehouse: str, tmp_path: Path
+) -> None:
+    with connection(warehouse) as conn:
+        first = api_keys.create(conn, "busy")[1]
+        second = api_keys.create(conn, "quiet")[1]
+    limited = api_server(warehouse, tmp_path / "serve.log", "--rate-limit", "3/minute")
+    with limited as server, server.client(first) as busy, server.client(second) as quiet:
+        assert [busy.get("/v1/health").status_code for _ in range(3)] == [200] * 3
+        refused = busy.get("/v1/health")
+        assert quiet.get("/v1/health").status_code == 200, "the limit is per key"
+        usage = quiet.get("/v1/usage").json()
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.json()["error"].startswith("rate limit of 3 per 1 minute for this key reached")
+    assert usage["rate_limit"] == "3 per 1 minute" and usage["rate_limit_remaining"] == 1
+
+
+def test_a_bad_rate_limit_or_port_exits_with_one_line() -> None:
+    for args, expected in (
+        (["--rate-limit", "lots"], "marketdata: error: API rate limit must read like"),
+        (["--port", "0"], "marketdata: Invalid value for '--port'"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "marketdata_pipeline", "serve", *args],
+            capture_output=True,
+            text=True,
+            cwd=PROJECT_DIR,
+            timeout=60,
+        )
+        assert done.returncode != 0 and done.stderr.startswith(expected), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "csv", "parquet"])
+def test_a_year_of_minute_bars_streams_without_being_held(
+    server: Server, key: str, fmt: str
+) -> None:
+    query = f"/v1/bars/BTC?timeframe=minute&start={YEAR_START}&end={YEAR_END}&format={fmt}"
+    with server.client(key) as client:
+        # Four months first (three batches): the server's high-water mark then holds
+        # everything a stream needs in flight, and the year may not raise it much.
+        client.get(query.replace(YEAR_END, "2023-05-01T00:00:00Z")).raise_for_status()
+        before = server.peak_rss_kib()
+        received = 0
+        with client.stream("GET", query) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                received += len(chunk)
+        grown_mib = (server.peak_rss_kib() - before) / 1024
+    received_mib = received / 2**20
+    print(f"{fmt}: {received_mib:.1f} MiB sent, server peak memory grew {grown_mib:.1f} MiB")
+    assert received_mib > 20 and grown_mib < 12, "the year was held, not streamed"
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_session(
+    server: Server, key: str, warehouse: str
+) -> None:
+    query = f"/v1/bars/BTC?timeframe=minute&start={YEAR_START}&end={YEAR_END}&format=csv"
+    with server.client(key) as client:
+        for _ in range(12):  # more than the pool's 10 sessions
+            with client.stream("GET", query) as response:
+                next(response.iter_bytes())
+        assert client.get("/v1/health").status_code == 200
+    deadline = time.monotonic() + 10
+    with connection(warehouse, autocommit=True) as conn:
+        while True:
+            copying = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%' "
+                "AND state = 'active' AND pid <> pg_backend_pid()"
+            ).fetchone()
+            if copying == (0,) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert copying == (0,), "a COPY of a client gone is still running"
+
+
+def test_an_unreachable_warehouse_is_503_in_one_line(pg_admin_url: str, tmp_path: Path) -> None:
+    name = f"t_gone_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(pg_admin_url, name)
+    with connection(url) as conn:
+        migrations.migrate(conn)
+        key = api_keys.create(conn, "ops")[1]
+    with api_server(url, tmp_path / "serve.log") as server, server.client(key) as client:
+        assert client.get("/v1/health").status_code == 200
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        response = client.get("/v1/health")
+    assert response.status_code == 503
+    assert response.json()["error"].startswith("warehouse unreachable (socket ")
+    assert "Traceback" not in server.log.read_text()
