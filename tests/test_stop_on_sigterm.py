@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from marketdata_pipeline.warehouse import connection as db
@@ -79,12 +80,23 @@ def test_a_run_stops_within_seconds_of_sigterm(database_url: str) -> None:
 @pytest.mark.slow
 def test_the_ui_stopped_by_sigterm_stops_dagster_and_its_embedded_server(tmp_path) -> None:
     """A service manager's stop (SIGTERM to the `marketdata ui` process alone) shuts the UI
-    down as Ctrl-C does: dagster dev ends, the embedded PostgreSQL it started stops."""
+    down as Ctrl-C does: dagster dev and the read API end, the embedded PostgreSQL it
+    started stops."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "DATABASE_"))}
     env |= {"MARKETDATA_HOME": str(home), "DAGSTER_HOME": ""}
+    api_port = free_port()
     ui = subprocess.Popen(
-        [sys.executable, "-m", "marketdata_pipeline", "ui", "--port", str(free_port())],
+        [
+            sys.executable,
+            "-m",
+            "marketdata_pipeline",
+            "ui",
+            "--port",
+            str(free_port()),
+            "--api-port",
+            str(api_port),
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -101,6 +113,12 @@ def test_the_ui_stopped_by_sigterm_stops_dagster_and_its_embedded_server(tmp_pat
     assert any(line.startswith("Dagster UI:") for line in said), "".join(said)
     time.sleep(5)  # dagster dev starts its webserver and daemon
     assert (home / "pgdata" / "postmaster.pid").exists()
+    # The read API beside it answers the admin key that bootstrap printed.
+    admin_key = next(line.rsplit(": ", 1)[1].strip() for line in said if "admin API key" in line)
+    health = httpx.get(
+        f"http://127.0.0.1:{api_port}/v1/health", headers={"X-API-Key": admin_key}, timeout=10
+    )
+    assert health.status_code == 200 and health.json()["warehouse"] == "reachable"
     ui.send_signal(signal.SIGTERM)
     rest, _ = ui.communicate(timeout=90)
     assert ui.returncode == 0, "".join(said) + rest

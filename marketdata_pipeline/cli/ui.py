@@ -34,6 +34,13 @@ DEMO_DATABASE = "marketdata_demo"
 @click.command("ui")
 @click.option("--port", default=3000, show_default=True, help="Port of the Dagster web UI.")
 @click.option(
+    "--api-port",
+    default=config.DEFAULT_API_PORT,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of the read API (`marketdata serve`) started beside the UI.",
+)
+@click.option(
     "--split",
     "splits",
     multiple=True,
@@ -41,8 +48,9 @@ DEMO_DATABASE = "marketdata_demo"
     help="Offline demo only: a stock split the simulator announces, e.g. AAPL:2026-11-18:4@5 "
     "(4:1, in 5 minutes), to watch a revision: materialize stock_splits afterwards.",
 )
-def ui_command(port: int, splits: tuple[StagedSplit, ...]) -> None:
-    """Bootstrap the warehouse and run the Dagster UI and daemon on 127.0.0.1.
+def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> None:
+    """Bootstrap the warehouse and run the Dagster UI and daemon on 127.0.0.1, and the read
+    API beside them.
 
     Without POLYGON_API_KEY (and POLYGON_BASE_URL) this is the offline demo: bars come from
     the built-in simulator and go to their own embedded database, `marketdata_demo`.
@@ -87,6 +95,9 @@ def ui_command(port: int, splits: tuple[StagedSplit, ...]) -> None:
         ],
         cwd=dagster_home,
     )  # fmt: skip
+    api = subprocess.Popen(
+        [sys.executable, "-m", "marketdata_pipeline", "serve", "--port", str(api_port)]
+    )
     # A service manager stops the UI with SIGTERM: shut down as on Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -94,6 +105,8 @@ def ui_command(port: int, splits: tuple[StagedSplit, ...]) -> None:
     except KeyboardInterrupt:
         _stop(dagster)
     finally:
+        api.terminate()  # uvicorn shuts down on SIGTERM as on Ctrl-C
+        api.wait(timeout=30)
         if server:
             server.shutdown()
         embedded.forget_ui()
