@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 import psycopg
 import pytest
 from psycopg import sql
 
+from marketdata_pipeline.domain import Timeframe
 from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse import reading
+from marketdata_pipeline.warehouse.loading import refresh_aggregate
+from marketdata_pipeline.warehouse.reading import BarRange, BarSize
 from tests.conftest import run_cli
 
 
@@ -106,3 +113,30 @@ def test_second_migrate_is_a_no_op(migrated: str) -> None:
     assert "nothing to apply" in result.stdout
     with psycopg.connect(migrated) as conn:
         assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (7,)
+
+
+def test_the_read_api_queries_read_the_continuous_aggregates(migrated: str) -> None:
+    """What `marketdata serve` runs for a JSON page of the hourly aggregate and for health,
+    once a load has refreshed the aggregate over its range.
+    (PGlite's socket sends no COPY TO STDOUT data: the streamed formats, which read by COPY,
+    are tested on PostgreSQL.)"""
+    start, end = datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 3, tzinfo=UTC)
+    with db.connection(migrated, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO bars_minute VALUES "
+            "('TSLA', '2024-01-02 14:30Z', 10, 12, 9, 11, 100, 10.5, 5), "
+            "('TSLA', '2024-01-02 15:10Z', 11, 13, 10, 12, 300, NULL, NULL)"
+        )
+        conn.execute("INSERT INTO tracked_symbols (symbol, asset_class) VALUES ('TSLA', 'stock')")
+        hourly = BarRange("TSLA", BarSize.HOURLY, start, end)
+        # Below the aggregate's refreshed range (the test above refreshed January 1-2), as a
+        # backfilled month is below the policy's: what a load refreshes after it commits.
+        assert reading.json_page(conn, hourly, after=None, limit=10).bars == "[]"
+        refresh_aggregate(conn, Timeframe.MINUTE, datetime(2024, 1, 2, 14, 30, tzinfo=UTC), end)
+        page = json.loads(reading.json_page(conn, hourly, after=None, limit=10).bars)
+        latest = reading.latest_bars(conn)
+    assert [(b["ts"], b["open"], b["close"], b["vwap"]) for b in page] == [
+        ("2024-01-02T14:00:00Z", 10, 11, 10.5),
+        ("2024-01-02T15:00:00Z", 11, 12, None),
+    ]
+    assert latest["stock"]["minute"] == datetime(2024, 1, 2, 15, 10, tzinfo=UTC)

@@ -26,6 +26,10 @@ from marketdata_pipeline.warehouse import pg_binary
 
 # First key of the two-key advisory lock on a window; the second is a hash of the window.
 WINDOW_LOCK_CLASS = 0x6D64  # "md"
+_AGGREGATES = {
+    Timeframe.MINUTE: ("bars_hourly", "1 hour"),
+    Timeframe.DAILY: ("bars_weekly", "1 week"),
+}
 _REJECT_COLUMNS = ("ts", "open", "high", "low", "close", "volume", "vwap", "trades", "reasons")
 
 
@@ -144,4 +148,27 @@ def replace_window(
                 "AND month = %s",
                 (window.timeframe, symbol, window.month),
             ).fetchall()
+    refresh_aggregate(conn, window.timeframe, window.start, window.end)
     return LoadResult(bars.height, rejected.height, replaced, in_month, rejected_in_month)
+
+
+def refresh_aggregate(
+    conn: psycopg.Connection, timeframe: Timeframe, start: datetime, end: datetime
+) -> None:
+    """Bring the continuous aggregate over `timeframe`'s bars (bars_hourly over minutes,
+    bars_weekly over days) up to date for the buckets of [start, end). Its policy refreshes
+    only the latest days, and real-time aggregation only reads above the refreshed range, so
+    a backfilled month would stay out of it. Without TimescaleDB the aggregates are views."""
+    autocommit = conn.autocommit
+    conn.autocommit = True  # a refresh cannot run inside a transaction
+    try:
+        if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+            return
+        view, bucket = _AGGREGATES[timeframe]
+        conn.execute(
+            "CALL refresh_continuous_aggregate(%s, time_bucket(%s::interval, %s::timestamptz), "
+            "time_bucket(%s::interval, %s::timestamptz - interval '1 microsecond') + %s::interval)",
+            (view, bucket, start, bucket, end, bucket),
+        )
+    finally:
+        conn.autocommit = autocommit
