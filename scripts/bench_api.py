@@ -13,6 +13,8 @@ process on loopback; the clients are this process. Each figure is the best of th
 - JSON: the same bars as JSON pages of 50,000 following `next`, each decoded.
 - Latency: --clients threads each ask --requests times for one random day of minute bars
   (JSON, then Arrow); p50 and p99 of the request times.
+- Refusals: the median time of a 401 for a near miss of the real key, an unknown key and a
+  malformed one, interleaved: they should not differ.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def best_of_three(run: Callable[[], int], expected: int) -> float:
 
 def copy_to(url: str, fmt: str, bars: BarRange) -> Callable[[], int]:
     def run() -> int:
-        with db.connection(url) as conn, conn.cursor() as cur:
+        with db.connection(url) as conn, conn.cursor() as cur:  # a new session, as a client
             statement = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT {})").format(
                 bars.select(), sql.SQL(fmt)
             )
@@ -169,6 +171,25 @@ def latencies(base: str, key: str, days: int, clients: int, requests: int, fmt: 
     return times
 
 
+def refusal_times(base: str, key: str, requests: int) -> dict[str, float]:
+    """Median seconds of a 401 for keys near the real one and far from it, interleaved."""
+    keys = {
+        "near miss (last character)": key[:-1] + ("A" if key[-1] != "A" else "B"),
+        "unknown, well-formed": api_keys.generate_key(),
+        "malformed": "x" * len(key),
+    }
+    times: dict[str, list[float]] = {name: [] for name in keys}
+    with httpx.Client(base_url=base, timeout=60) as http:
+        for _ in range(requests):
+            for name, candidate in keys.items():
+                started = time.perf_counter()
+                status = http.get("/v1/health", headers={"X-API-Key": candidate}).status_code
+                times[name].append(time.perf_counter() - started)
+                if status != 401:
+                    raise SystemExit(f"bench: a {name} key got {status}, not 401")
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def percentile(values: list[float], share: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(share * 100) - 1]
 
@@ -187,7 +208,8 @@ def main() -> None:
     whole = BarRange(SYMBOL, BarSize.MINUTE, FIRST_BAR, end)
     query = f"/v1/bars/{SYMBOL}?timeframe=minute&start={FIRST_BAR:%Y-%m-%dT%H:%M:%SZ}"
     query += f"&end={end:%Y-%m-%dT%H:%M:%SZ}"
-    log = Path(f"/tmp/marketdata_bench_api_{int(time.time())}.log")
+    log = config.marketdata_home() / "bench_api_serve.log"  # the server's own output
+    log.parent.mkdir(parents=True, exist_ok=True)
     figures: dict[str, float] = {}
     with api_server(url, log) as base:
         with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=600) as client:
@@ -199,6 +221,7 @@ def main() -> None:
             ):
                 figures[name] = best_of_three(run, args.bars)
                 print(f"  {name}: {figures[name]:.2f} s", flush=True)
+        refusals = refusal_times(base, key, 200)
         days = max(1, args.bars // 1440)
         for fmt in ("json", "arrow"):
             times = latencies(base, key, days, args.clients, args.requests, fmt)
@@ -227,8 +250,13 @@ def main() -> None:
             f"{figures[f'day_{fmt}_requests']:.0f} requests: p50 "
             f"{figures[f'day_{fmt}_p50_ms']:.0f} ms, p99 {figures[f'day_{fmt}_p99_ms']:.0f} ms"
         )
+    print("401 for a refused key, median of 200 each: " + ", ".join(
+        f"{name} {seconds * 1000:.2f} ms" for name, seconds in refusals.items()
+    ))  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"machine": about, **figures}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": about, **figures, "refusals": refusals}, indent=2)
+        )
 
 
 if __name__ == "__main__":

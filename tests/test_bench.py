@@ -40,3 +40,30 @@ def test_bench_runs_every_loader_and_a_dagster_backfill(pg_admin_url, tmp_path) 
     assert 600_000 < methods["ranged run of SPY, 5 years, own process"]["bars"] < 800_000
     assert {t["name"] for t in figures["targets"]} >= {"pipeline / binary COPY"}
     assert "pipeline / binary COPY" in done.stdout and "MiB" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_api_measures_every_figure(pg_admin_url, tmp_path) -> None:
+    """The read API benchmark on a small workload: each read returns exactly the bars stored
+    (the script checks each count and exits non-zero otherwise) and every figure is printed."""
+    output = tmp_path / "bench_api.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "DAGSTER_"))}
+    env |= {"DATABASE_URL": pg_admin_url, "MARKETDATA_HOME": str(tmp_path)}
+    args = ["--bars", "20000", "--clients", "4", "--requests", "5", "--json", str(output)]
+    done = subprocess.run(
+        [sys.executable, "scripts/bench_api.py", *args],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(output.read_text())
+    assert figures["day_json_requests"] == figures["day_arrow_requests"] == 20
+    assert all(figures[k] > 0 for k in ("copy_binary_s", "arrow_http_s", "json_http_s"))
+    assert set(figures["refusals"]) == {
+        "near miss (last character)", "unknown, well-formed", "malformed"
+    }  # fmt: skip
+    for line in ("Arrow vs the faster COPY TO", "Arrow vs JSON", "p50", "401 for a refused key"):
+        assert line in done.stdout
