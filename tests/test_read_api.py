@@ -3,6 +3,7 @@ socket over a real PostgreSQL, every endpoint and format read back against the t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -194,24 +195,28 @@ def test_the_openapi_document_is_valid_and_needs_no_key(server: Server) -> None:
 def test_bars_read_back_exactly_in_every_timeframe_and_format(
     server: Server, key: str, warehouse: str, timeframe: str, fmt: str
 ) -> None:
-    # Dates are market days in New York: Jan 3 through Jan 4 inclusive.
+    # Dates are market days in New York (Jan 3 through Jan 4 inclusive), but for weekly bars
+    # UTC days: weeks start Monday 00:00 UTC, and a week is in when one of its days is.
     start, end = "2024-01-03T05:00:00Z", "2024-01-05T05:00:00Z"
-    if timeframe in ("daily", "weekly"):
+    if timeframe == "daily":
         start, end = "2024-01-01T05:00:00Z", "2024-07-01T04:00:00Z"
+    if timeframe == "weekly":  # Monday Jan 1 through the week of Sunday Jun 30
+        start, end = "2024-01-01T00:00:00Z", "2024-07-01T00:00:00Z"
     relation = f"bars_{timeframe}"
     expected = _stored(warehouse, relation, "AAPL", start, end)
     assert expected.height > 10
     if timeframe in ("minute", "daily"):
         assert expected["vwap"].null_count() > 0 and expected["trades"].null_count() > 0
-    if relation == "bars_daily":
-        assert expected["ts"][0] == datetime(2024, 1, 1, 5, tzinfo=UTC)
+    if relation in ("bars_daily", "bars_weekly"):
+        first_bar = datetime(2024, 1, 1, 5 if relation == "bars_daily" else 0, tzinfo=UTC)
+        assert expected["ts"][0] == first_bar
     dates = {"minute": ("2024-01-03", "2024-01-04"), "hourly": ("2024-01-03", "2024-01-04")}
     first, last = dates.get(timeframe, ("2024-01-01", "2024-06-30"))
     with server.client(key) as client:
         if fmt == "json":
             pages, got = 0, []
-            url: str | None = f"/v1/bars/AAPL?timeframe={timeframe}&start={first}&end={last}"
-            url = f"{url}&limit={max(1, expected.height // 3)}"
+            first_page = f"/v1/bars/AAPL?timeframe={timeframe}&start={first}&end={last}"
+            url: str | None = f"{first_page}&limit={max(1, expected.height // 3)}"
             while url:
                 page = client.get(url)
                 assert page.status_code == 200, page.text
@@ -219,6 +224,8 @@ def test_bars_read_back_exactly_in_every_timeframe_and_format(
                 got += [list(bar.values()) for bar in page.json()["bars"]]
                 url, pages = page.json()["next"], pages + 1
             assert pages >= 3, "paged by limit, each page linking the next"
+            whole = client.get(url_of_all := f"{first_page}&limit={expected.height}").json()
+            assert len(whole["bars"]) == expected.height and whole["next"] is None, url_of_all
             received = _frame([[datetime.fromisoformat(r[0]), *r[1:]] for r in got])
         else:
             response = client.get(
@@ -336,7 +343,7 @@ def test_every_auth_failure_is_one_401_line_audited_and_the_key_never_logged(
                 assert response.status_code == 401, f"{why} {path}: {response.status_code}"
                 message = response.json()["error"]
                 assert message in {
-                    "missing X-API-Key header",
+                    "missing API key: send an X-API-Key header",
                     "invalid API key: unknown, revoked or deleted",
                 }, message
                 assert (raw or "") not in response.text or not raw
@@ -361,6 +368,8 @@ def test_every_auth_failure_is_one_401_line_audited_and_the_key_never_logged(
         ("/v1/bars/AAPL?start=2024-13-01", 400, "start '2024-13-01' is neither a date"),
         ("/v1/bars/AAPL?start=2024-01-02T10:00", 400, "has no time zone"),
         ("/v1/bars/AAPL?start=2024-01-05&end=2024-01-02", 400, "is not before end"),
+        ("/v1/bars/AAPL?start=2024-01-02&end=9999-12-31", 400, "end '9999-12-31' is out of range"),
+        ("/v1/bars/AAPL?start=0001-01-01T00:00:00%2B05:00", 400, "is out of range"),
         ("/v1/bars/AAPL?start=2024-01-02&timeframe=yearly", 400, "timeframe must be one of"),
         ("/v1/bars/AAPL?start=2024-01-02&format=xlsx", 400, "format must be one of"),
         ("/v1/bars/AAPL?start=2024-01-02&limit=50001", 400, "limit must be 1 to 50,000"),
@@ -371,6 +380,11 @@ def test_every_auth_failure_is_one_401_line_audited_and_the_key_never_logged(
         ("/v1/symbols?asset_class=bond", 400, "invalid asset class 'bond'"),
         ("/v1/symbols/ZZZZ/stats", 404, "symbol ZZZZ is not registered"),
         ("/v2/bars/AAPL", 404, "no endpoint /v2/bars/AAPL"),
+        ("/v1/bars/AAPL?start=2024-01-02&timeframes=minute", 400, "unknown parameter 'timeframes'"),
+        ("/v1/bars/AAPL?start=2024-01-02&start=2024-01-03", 400, "start is given more than once"),
+        ("/v1/bars/AAPL?start=2024-01-02&api_key=x", 400, "in the X-API-Key header, not in"),
+        ("/v1/bars/AAPL?start=2024-01-02&limit=1_0", 400, "limit must be a whole number"),
+        ("/v1/health%00", 404, "no endpoint /v1/health"),
     ],
 )
 def test_bad_input_gets_a_4xx_with_one_readable_line(
@@ -381,6 +395,67 @@ def test_bad_input_gets_a_4xx_with_one_readable_line(
     assert response.status_code == status
     body = response.json()
     assert list(body) == ["error"] and message in body["error"] and "\n" not in body["error"]
+
+
+def test_weekly_bars_are_the_weeks_that_hold_the_days_asked(server: Server, key: str) -> None:
+    """Weeks start Monday 00:00 UTC, before a stock's Monday (midnight New York)."""
+
+    def weeks(first: str, last: str) -> list[str]:
+        with server.client(key) as client:
+            url = f"/v1/bars/AAPL?timeframe=weekly&start={first}&end={last}"
+            return [bar["ts"] for bar in client.get(url).json()["bars"]]
+
+    assert weeks("2024-01-01", "2024-01-07") == ["2024-01-01T00:00:00Z"]
+    assert weeks("2024-01-03", "2024-01-09") == ["2024-01-01T00:00:00Z", "2024-01-08T00:00:00Z"]
+    assert weeks("2024-01-06", "2024-01-07") == ["2024-01-01T00:00:00Z"], "the week of a weekend"
+
+
+def test_a_nul_in_the_path_and_a_doubled_key_are_refused_and_audited(
+    server: Server, key: str, warehouse: str
+) -> None:
+    with connection(warehouse) as conn:
+        before = len(api_keys.audit(conn, limit=10_000))
+    with server.client(key) as client:
+        nul = client.get("/v1/bars/AAPL%00?start=2024-01-02")
+        doubled = client.get("/v1/health", headers=[("X-API-Key", key), ("X-API-Key", key)])
+    assert nul.status_code == 400 and "invalid symbol" in nul.json()["error"]
+    assert doubled.status_code == 401
+    assert doubled.json() == {"error": "missing API key: send one X-API-Key header"}
+    with connection(warehouse) as conn:
+        trail = api_keys.audit(conn, limit=10_000)
+    assert len(trail) == before + 2
+    assert (trail[1].endpoint, trail[1].status_code) == ("/v1/bars/AAPL\ufffd", 400)
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_slow_streams_cannot_lock_out_other_clients(server: Server, warehouse: str) -> None:
+    """Streams read on sessions of their own, at most 2 per key: clients that stop reading
+    hold theirs, and everyone else is still served or told to retry, never a false error."""
+    with connection(warehouse) as conn:
+        keys = [api_keys.create(conn, f"slow-{i}")[1] for i in range(5)]
+    year = f"/v1/bars/BTC?timeframe=minute&start={YEAR_START}&end={YEAR_END}&format=csv"
+    with contextlib.ExitStack() as held:
+        for raw in keys[:4]:  # 8 streams: every session of the stream pool
+            for _ in range(2):
+                client = held.enter_context(server.client(raw))
+                response = held.enter_context(client.stream("GET", year))
+                assert response.status_code == 200
+        with server.client(keys[0]) as first:
+            third = first.get(year)
+        with server.client(keys[4]) as other:
+            started = time.monotonic()
+            busy = other.get(year)
+            waited = time.monotonic() - started
+            health = other.get("/v1/health")
+            page = other.get("/v1/bars/BTC?timeframe=minute&start=2023-06-01&end=2023-06-01")
+    assert third.status_code == 429 and third.headers["Retry-After"] == "5"
+    assert "this key has 2 streams open already" in third.json()["error"]
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "5", busy.text
+    assert busy.json()["error"].startswith("busy: all 8 warehouse sessions for streams are in use")
+    print(f"a stream with every session held waited {waited:.1f} s for one")
+    assert health.status_code == 200 and len(page.json()["bars"]) == 1440
+    with server.client(keys[4]) as other:  # the sessions came back when the clients left
+        assert other.get(year.replace(YEAR_END, "2023-01-02T00:00:00Z")).status_code == 200
 
 
 def test_writes_are_refused(server: Server, key: str) -> None:

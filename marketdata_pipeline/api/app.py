@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 
 import anyio
 import psycopg
@@ -22,8 +22,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from marketdata_pipeline.api import bars, openapi
-from marketdata_pipeline.api.bars import ApiError
-from marketdata_pipeline.api.pool import WarehousePool
+from marketdata_pipeline.api.bars import ApiError, iso
+from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, PoolBusy, WarehousePool
 from marketdata_pipeline.domain import AssetClass, InvalidSymbol
 from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable, NotFound
 from marketdata_pipeline.registry import api_keys, backfill_state, symbols
@@ -31,6 +31,8 @@ from marketdata_pipeline.registry.backfill_state import WindowCounts
 from marketdata_pipeline.registry.stats import stats
 from marketdata_pipeline.registry.symbols import TrackedSymbol
 from marketdata_pipeline.warehouse.reading import latest_bars
+
+log = logging.getLogger(__name__)
 
 OPENAPI_PATH = "/v1/openapi.json"
 AUDIT_SHOWN = 20
@@ -40,10 +42,16 @@ def error(status: int, message: str, headers: Mapping[str, str] | None = None) -
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _unavailable(reason: DatabaseUnavailable | PoolBusy) -> JSONResponse:
+    busy = isinstance(reason, PoolBusy)
+    return error(503, str(reason), {"Retry-After": str(BUSY_RETRY_SECONDS)} if busy else None)
+
+
 class KeyGate:
     """Every request under /v1 but the OpenAPI document needs an active X-API-Key, within
     the key's rate limit. Each is audited (and counted on its key) with its status as its
-    response starts, so a client's next request already sees it in its usage."""
+    response starts, so a client's next request already sees it in its usage. A client
+    address refused too often is refused without a lookup, for the rest of the window."""
 
     def __init__(self, app: ASGIApp, warehouse: WarehousePool, rate_limit: RateLimitItem) -> None:
         self.app = app
@@ -56,55 +64,59 @@ class KeyGate:
             await self.app(scope, receive, send)
             return
         try:
-            key_id, refusal = await self._check(scope, Headers(scope=scope).get("x-api-key"))
-        except DatabaseUnavailable as unavailable:  # nothing can be checked nor audited
-            await error(503, str(unavailable))(scope, receive, send)
+            key_id, refusal = await self._check(scope)
+        except (DatabaseUnavailable, PoolBusy) as unavailable:  # nothing checked nor audited
+            await _unavailable(unavailable)(scope, receive, send)
             return
 
         async def send_audited(message: Message) -> None:
             if message["type"] == "http.response.start":
+                endpoint, status = scope["path"][:500], message["status"]
                 # Shielded: a client that hangs up still has its request audited.
                 with anyio.CancelScope(shield=True):
-                    await self.warehouse.run(
-                        api_keys.record_use,
-                        key_id,
-                        scope["path"][:500],
-                        scope["method"],
-                        message["status"],
-                    )
+                    try:
+                        await self.warehouse.run(
+                            api_keys.record_use, key_id, endpoint, scope["method"], status
+                        )
+                    except (DatabaseUnavailable, PoolBusy) as lost:  # the answer goes out
+                        log.warning("%s %s (%s) not audited: %s", scope["method"], endpoint,
+                                    status, lost)  # fmt: skip
             await send(message)
 
         await (refusal or self.app)(scope, receive, send_audited)
 
-    async def _check(self, scope: Scope, raw_key: str | None) -> tuple[int | None, Response | None]:
+    async def _check(self, scope: Scope) -> tuple[int | None, Response | None]:
         """The key id to audit the request against, and the refusal if it is refused; an
         accepted key goes into the request's state."""
-        if not raw_key:
-            return None, error(401, "missing X-API-Key header")
+        client = f"client {scope['client'][0] if scope.get('client') else '-'}"
+        if not self.limiter.test(self.rate_limit, client):
+            return None, self._retry_later(client, "refused API keys from this address")
+        presented = Headers(scope=scope).getlist("x-api-key")
+        if len(presented) != 1 or not presented[0]:
+            self.limiter.hit(self.rate_limit, client)
+            what = "one X-API-Key header" if len(presented) > 1 else "an X-API-Key header"
+            return None, error(401, f"missing API key: send {what}")
         try:
-            key = await self.warehouse.run(api_keys.authenticate, raw_key)
+            key = await self.warehouse.run(api_keys.authenticate, presented[0])
         except api_keys.KeyRejected as rejected:
+            self.limiter.hit(self.rate_limit, client)
             return rejected.key_id, error(401, "invalid API key: unknown, revoked or deleted")
         scope.setdefault("state", {})["api_key"] = key
-        return key.id, self._over_limit(key)
-
-    def _over_limit(self, key: api_keys.ApiKey) -> Response | None:
         if self.limiter.hit(self.rate_limit, str(key.id)):
-            return None
-        reset_at, _ = self.limiter.get_window_stats(self.rate_limit, str(key.id))
+            return key.id, None
+        return key.id, self._retry_later(str(key.id), "this key")
+
+    def _retry_later(self, counted: str, what: str) -> Response:
+        reset_at, _ = self.limiter.get_window_stats(self.rate_limit, counted)
         wait = max(1, math.ceil(reset_at - time.time()))
         return error(
             429,
-            f"rate limit of {self.rate_limit} for this key reached: retry in {wait} s",
+            f"rate limit of {self.rate_limit} for {what} reached: retry in {wait} s",
             headers={"Retry-After": str(wait)},
         )
 
     def remaining(self, key: api_keys.ApiKey) -> int:
         return self.limiter.get_window_stats(self.rate_limit, str(key.id))[1]
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
 def _windows(counts: WindowCounts) -> dict[str, int]:
@@ -117,7 +129,8 @@ def _windows(counts: WindowCounts) -> dict[str, int]:
 
 def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
     """The API over the warehouse at `url`, each key allowed `rate_limit` requests."""
-    warehouse = WarehousePool(url)
+    warehouse = WarehousePool(url, sessions=10, purpose="queries")
+    streams = bars.Streams(url)
 
     async def health(request: Request) -> Response:
         latest = await warehouse.run(latest_bars)
@@ -125,7 +138,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
             {
                 "warehouse": "reachable",
                 "latest_bar": {
-                    asset_class: {size: _iso(ts) for size, ts in per_size.items()}
+                    asset_class: {size: iso(ts) for size, ts in per_size.items()}
                     for asset_class, per_size in latest.items()
                 },
             }
@@ -140,15 +153,15 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
             {
                 "id": key.id,
                 "name": key.name,
-                "created_at": _iso(key.created_at),
+                "created_at": iso(key.created_at),
                 "request_count": key.request_count,
-                "last_used": _iso(key.last_used),
+                "last_used": iso(key.last_used),
                 "last_used_endpoint": key.last_used_endpoint,
                 "rate_limit": str(rate_limit),
                 "rate_limit_remaining": gate.remaining(key),
                 "recent_requests": [
                     {"endpoint": e.endpoint, "method": e.method, "status": e.status_code,
-                     "at": _iso(e.timestamp)}
+                     "at": iso(e.timestamp)}
                     for e in recent
                 ],
             }
@@ -171,7 +184,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
                 "symbols": [
                     {"symbol": t.symbol, "asset_class": t.asset_class,
                      "backfill_status": t.backfill_status, "backfill_error": t.backfill_error,
-                     "last_backfill": _iso(t.last_backfill),
+                     "last_backfill": iso(t.last_backfill),
                      **_windows(counts.get(t.symbol, WindowCounts()))}
                     for t in tracked
                 ]
@@ -195,8 +208,8 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
                 "timeframes": {
                     s.timeframe.value: {
                         "bars": s.bars,
-                        "first_bar": _iso(s.first_bar),
-                        "last_bar": _iso(s.last_bar),
+                        "first_bar": iso(s.first_bar),
+                        "last_bar": iso(s.last_bar),
                         "rejected": s.rejected,
                         "validation_rate": s.validation_rate,
                         "missing_days": None
@@ -209,7 +222,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
         )
 
     async def bars_of_symbol(request: Request) -> Response:
-        return await bars.respond(request, warehouse)
+        return await bars.respond(request, warehouse, streams)
 
     async def document(request: Request) -> Response:
         return JSONResponse(openapi.DOCUMENT)
@@ -222,7 +235,11 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return error(exc.status, exc.message)
+        return error(exc.status, exc.message, exc.headers)
+
+    async def on_unavailable(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, DatabaseUnavailable | PoolBusy)
+        return _unavailable(exc)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         return error(500, "internal error: the server's log has the details")
@@ -237,11 +254,14 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        warehouse.pool.open()
+        pools = (warehouse.pool, streams.warehouse.pool)
+        for pool in pools:
+            pool.open()
         try:
             yield
         finally:
-            warehouse.pool.close()
+            for pool in pools:
+                pool.close()
 
     app = Starlette(
         routes=[
@@ -257,7 +277,8 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
             HTTPException: on_http,
             InvalidSymbol: one_line(400),
             NotFound: one_line(404),
-            DatabaseUnavailable: one_line(503),
+            DatabaseUnavailable: on_unavailable,
+            PoolBusy: on_unavailable,
             Exception: on_unexpected,
         },
         lifespan=lifespan,

@@ -4,10 +4,13 @@ CSV, Arrow IPC or Parquet."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections import Counter
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
+from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 import psycopg
@@ -16,24 +19,29 @@ import pyarrow.parquet as pq
 from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from marketdata_pipeline.api.pool import WarehousePool
+from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, WarehousePool
 from marketdata_pipeline.registry import symbols
+from marketdata_pipeline.registry.api_keys import ApiKey
 from marketdata_pipeline.warehouse import reading
 from marketdata_pipeline.warehouse.reading import BarRange, BarSize
 
 JSON_PAGE_DEFAULT = 5_000
 JSON_PAGE_MAX = 50_000
+STREAMS_PER_KEY = 2
 _STREAM_CHUNK_BYTES = 1 << 20  # CSV leaves PostgreSQL a row at a time: sent a MiB at a time
+_PARAMETERS = ("timeframe", "start", "end", "format", "limit", "after")
 
 
 class ApiError(Exception):
     """A request the API refuses: its status and one readable line."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 class Format(StrEnum):
@@ -52,8 +60,31 @@ class Format(StrEnum):
         }[self]
 
 
-def _choice(request: Request, name: str, kind: type[StrEnum], default: str) -> str:
-    raw = request.query_params.get(name, default)
+def iso(moment: datetime | None) -> str | None:
+    """A time as the API writes it: RFC 3339 in UTC, to the second."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
+def _parameters(request: Request) -> dict[str, str]:
+    """The query's parameters, each given once, none unknown: a misspelt one would silently
+    fall back to its default."""
+    items = request.query_params.multi_items()
+    for name, _ in items:
+        if name.lower() in ("api_key", "apikey", "key", "x-api-key"):
+            raise ApiError(400, "send the API key in the X-API-Key header, not in the URL")
+        if name not in _PARAMETERS:
+            raise ApiError(
+                400, f"unknown parameter {name[:40]!r}: expected {', '.join(_PARAMETERS)}"
+            )
+        if sum(1 for other, _ in items if other == name) > 1:
+            raise ApiError(400, f"parameter {name} is given more than once")
+    return dict(items)
+
+
+def _choice(params: dict[str, str], name: str, kind: type[StrEnum], default: str) -> str:
+    raw = params.get(name, default)
     allowed = [member.value for member in kind]
     if raw not in allowed:
         raise ApiError(400, f"{name} must be one of {', '.join(allowed)}, got {raw[:40]!r}")
@@ -63,22 +94,28 @@ def _choice(request: Request, name: str, kind: type[StrEnum], default: str) -> s
 def _moment(
     name: str, raw: str, midnight: Callable[[date], datetime], *, end: bool = False
 ) -> datetime:
-    """A date (the market day: its start, or for `end` the next day's start) or an RFC 3339
-    time with its offset."""
+    """A date (the day's start, or for `end` the next day's start) or an RFC 3339 time with
+    its offset."""
     shown = raw[:40]
     try:
         if len(raw) == 10:
             day = date.fromisoformat(raw)
             return midnight(day + timedelta(days=1) if end else day)
         moment = datetime.fromisoformat(raw)
+        if moment.tzinfo is None:
+            raise ApiError(400, f"{name} {shown!r} has no time zone: add Z or an offset")
+        return moment.astimezone(UTC)
     except ValueError:
         raise ApiError(
             400, f"{name} {shown!r} is neither a date (2024-01-02) nor a time "
             "(2024-01-02T14:30:00Z)",
         ) from None  # fmt: skip
-    if moment.tzinfo is None:
-        raise ApiError(400, f"{name} {shown!r} has no time zone: add Z or an offset")
-    return moment.astimezone(UTC)
+    except OverflowError:  # the first or last representable day, shifted past the calendar
+        raise ApiError(400, f"{name} {shown!r} is out of range") from None
+
+
+def _utc_midnight(day: date) -> datetime:
+    return datetime.combine(day, datetime.min.time(), UTC)
 
 
 @dataclass(frozen=True)
@@ -90,29 +127,29 @@ class BarsRequest:
 
 
 def _parse(conn: psycopg.Connection, request: Request) -> BarsRequest:
-    size = BarSize(_choice(request, "timeframe", BarSize, "daily"))
-    fmt = Format(_choice(request, "format", Format, "json"))
+    params = _parameters(request)
+    size = BarSize(_choice(params, "timeframe", BarSize, "daily"))
+    fmt = Format(_choice(params, "format", Format, "json"))
     tracked = symbols.get(conn, request.path_params["symbol"])  # InvalidSymbol, NotFound
-    midnight = tracked.asset_class.market.midnight
-    params = request.query_params
+    # A date is the market's day; weeks are UTC weeks (Monday 00:00 UTC), so for weekly bars a
+    # date is the UTC day, and a week is in the range when one of its days is.
+    midnight = _utc_midnight if size is BarSize.WEEKLY else tracked.asset_class.market.midnight
     if "start" not in params:
         raise ApiError(400, "start is required: a date (2024-01-02) or a time with offset")
     start = _moment("start", params["start"], midnight)
     end = _moment("end", params["end"], midnight, end=True) if "end" in params else None
     end = end or datetime.now(UTC)
     if start >= end:
-        raise ApiError(400, f"start {start:%Y-%m-%dT%H:%M:%SZ} is not before end "
-                       f"{end:%Y-%m-%dT%H:%M:%SZ}")  # fmt: skip
+        raise ApiError(400, f"start {iso(start)} is not before end {iso(end)}")
     after = _moment("after", params["after"], midnight) if "after" in params else None
     limit = JSON_PAGE_DEFAULT
     if "limit" in params:
         if fmt is not Format.JSON:
             raise ApiError(400, f"limit pages JSON only; format={fmt} streams the whole range")
-        try:
-            limit = int(params["limit"])
-        except ValueError:
-            shown = params["limit"][:40]
-            raise ApiError(400, f"limit must be a whole number, got {shown!r}") from None
+        raw = params["limit"]
+        if not (raw.isascii() and raw.isdigit()):
+            raise ApiError(400, f"limit must be a whole number, got {raw[:40]!r}")
+        limit = int(raw)
         if not 1 <= limit <= JSON_PAGE_MAX:
             raise ApiError(
                 400,
@@ -122,20 +159,38 @@ def _parse(conn: psycopg.Connection, request: Request) -> BarsRequest:
     return BarsRequest(BarRange(tracked.symbol, size, start, end), fmt, limit, after)
 
 
-async def respond(request: Request, warehouse: WarehousePool) -> Response:
-    if Format(_choice(request, "format", Format, "json")) is Format.JSON:
-        return await warehouse.run(_json_page, request)
-    asked = await warehouse.run(_parse, request)
+class Streams:
+    """The sessions that streams read on, apart from the short queries' (a slow client holds
+    its session as long as it reads), and how many streams each key has open."""
+
+    def __init__(self, url: str, *, sessions: int = 8) -> None:
+        self.warehouse = WarehousePool(url, sessions=sessions, purpose="streams")
+        self.open: Counter[int] = Counter()
+
+
+async def respond(request: Request, queries: WarehousePool, streams: Streams) -> Response:
+    if _choice(_parameters(request), "format", Format, "json") == Format.JSON:
+        return await queries.run(_json_page, request)
+    asked = await queries.run(_parse, request)
+    key: ApiKey = request.state.api_key
+    if streams.open[key.id] >= STREAMS_PER_KEY:
+        raise ApiError(
+            429,
+            f"this key has {STREAMS_PER_KEY} streams open already: retry when one ends",
+            headers={"Retry-After": str(BUSY_RETRY_SECONDS)},
+        )
+    # The session is taken before the response starts: a stream that cannot have one is a
+    # 503, not a 200 with no body.
+    conn = await anyio.to_thread.run_sync(streams.warehouse.acquire)
     encode = {Format.CSV: _csv, Format.ARROW: _arrow, Format.PARQUET: _parquet}[asked.format]
-    return StreamingResponse(
-        _stream(warehouse, asked.bars, encode),
+    return _LeasedStream(
+        streams,
+        key.id,
+        conn,
+        encode(conn, asked.bars),
         media_type=asked.format.media_type,
         headers={"Content-Disposition": f'attachment; filename="{_filename(asked)}"'},
     )
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
 def _filename(asked: BarsRequest) -> str:
@@ -148,13 +203,16 @@ def _filename(asked: BarsRequest) -> str:
 def _json_page(conn: psycopg.Connection, request: Request) -> Response:
     asked = _parse(conn, request)
     page = reading.json_page(conn, asked.bars, after=asked.after, limit=asked.limit)
-    more = page.count == asked.limit and page.last
+    following = None
+    if page.last:  # a path and query of the known parameters: not the Host a client sent
+        query = {**_parameters(request), "after": page.last.isoformat()}
+        following = f"{request.url.path}?{urlencode(query)}"
     head = {
         "symbol": asked.bars.symbol,
         "timeframe": asked.bars.size,
-        "start": _iso(asked.bars.start),
-        "end": _iso(asked.bars.end),
-        "next": str(request.url.include_query_params(after=_iso(page.last))) if more else None,
+        "start": iso(asked.bars.start),
+        "end": iso(asked.bars.end),
+        "next": following,
     }
     # The bars arrive as JSON text: spliced in, not decoded and encoded again.
     body = json.dumps(head, separators=(",", ":"))[:-1] + ',"bars":' + page.bars + "}"
@@ -190,7 +248,7 @@ class _Drain:
         return data
 
 
-def _csv(conn: psycopg.Connection, bars: BarRange) -> Iterator[bytes]:
+def _csv(conn: psycopg.Connection, bars: BarRange) -> Generator[bytes]:
     pending: list[bytes] = []
     size = 0
     for chunk in reading.csv_chunks(conn, bars, header=True):
@@ -199,10 +257,11 @@ def _csv(conn: psycopg.Connection, bars: BarRange) -> Iterator[bytes]:
         if size >= _STREAM_CHUNK_BYTES:
             yield b"".join(pending)
             pending, size = [], 0
-    yield b"".join(pending)
+    if pending:
+        yield b"".join(pending)
 
 
-def _arrow(conn: psycopg.Connection, bars: BarRange) -> Iterator[bytes]:
+def _arrow(conn: psycopg.Connection, bars: BarRange) -> Generator[bytes]:
     sink = _Drain()
     with pa.ipc.new_stream(sink, reading.ARROW_SCHEMA) as writer:
         for batch in reading.arrow_batches(conn, bars):
@@ -211,7 +270,7 @@ def _arrow(conn: psycopg.Connection, bars: BarRange) -> Iterator[bytes]:
     yield sink.take()
 
 
-def _parquet(conn: psycopg.Connection, bars: BarRange) -> Iterator[bytes]:
+def _parquet(conn: psycopg.Connection, bars: BarRange) -> Generator[bytes]:
     sink = _Drain()
     with pq.ParquetWriter(sink, reading.ARROW_SCHEMA, compression="zstd") as writer:
         for batch in reading.arrow_batches(conn, bars):
@@ -220,26 +279,34 @@ def _parquet(conn: psycopg.Connection, bars: BarRange) -> Iterator[bytes]:
     yield sink.take()
 
 
-Encoder = Callable[[psycopg.Connection, BarRange], Iterator[bytes]]
+class _LeasedStream(StreamingResponse):
+    """A stream that owns a warehouse session and one of its key's stream slots, and gives
+    both back however it ends: finished, failed, or its client gone before the first byte."""
 
+    def __init__(
+        self,
+        streams: Streams,
+        key_id: int,
+        conn: psycopg.Connection,
+        chunks: Generator[bytes],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(iterate_in_threadpool(chunks), **kwargs)
+        self._lease = (streams, key_id, conn, chunks)
+        streams.open[key_id] += 1
 
-async def _stream(
-    warehouse: WarehousePool, bars: BarRange, encode: Encoder
-) -> AsyncIterator[bytes]:
-    """encode(conn, bars)'s chunks, produced in worker threads on one pooled session.
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            streams, key_id, conn, chunks = self._lease
+            streams.open[key_id] -= 1
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close, streams, conn, chunks)
 
-    A client that hangs up ends the COPY (the generator is closed in its thread) and the
-    session goes back to the pool clean."""
-
-    def chunks() -> Generator[bytes]:
-        with warehouse.session() as conn:
-            yield from encode(conn, bars)
-
-    produced = chunks()
-    try:
-        async for chunk in iterate_in_threadpool(produced):
-            if chunk:
-                yield chunk
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(produced.close)
+    @staticmethod
+    def _close(streams: Streams, conn: psycopg.Connection, chunks: Generator[bytes]) -> None:
+        try:
+            chunks.close()  # a COPY cut short is ended, and the session left clean
+        finally:
+            streams.warehouse.release(conn)

@@ -10,10 +10,15 @@ import anyio
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from marketdata_pipeline.errors import DatabaseUnavailable
+from marketdata_pipeline.errors import DatabaseUnavailable, MarketdataError
 from marketdata_pipeline.warehouse.connection import CONNECT_TIMEOUT_SECONDS, describe
 
 T = TypeVar("T")
+BUSY_RETRY_SECONDS = 5
+
+
+class PoolBusy(MarketdataError):
+    """Every session of a pool is in use, and none came free in time."""
 
 
 def _in_utc(conn: psycopg.Connection) -> None:
@@ -25,12 +30,13 @@ class WarehousePool:
     every session of this package: see connection.connect), checked before each use so a
     restarted warehouse costs no failed request."""
 
-    def __init__(self, url: str, *, max_sessions: int = 10) -> None:
+    def __init__(self, url: str, *, sessions: int, purpose: str) -> None:
         self.where = describe(url)
+        self.purpose = purpose
         self.pool = ConnectionPool(
             url,
             min_size=1,
-            max_size=max_sessions,
+            max_size=sessions,
             kwargs={
                 "prepare_threshold": None,
                 "autocommit": True,
@@ -42,23 +48,33 @@ class WarehousePool:
             open=False,
         )
 
+    def acquire(self) -> psycopg.Connection:
+        """A session, or PoolBusy when all are in use, or DatabaseUnavailable."""
+        try:
+            return self.pool.getconn()
+        except PoolTimeout:
+            stats = self.pool.get_stats()
+            if stats["pool_size"] >= self.pool.max_size and not stats["pool_available"]:
+                raise PoolBusy(
+                    f"busy: all {self.pool.max_size} warehouse sessions for {self.purpose} are "
+                    f"in use; retry in {BUSY_RETRY_SECONDS} s"
+                ) from None
+            raise DatabaseUnavailable(f"warehouse unreachable ({self.where})") from None
+
+    def release(self, conn: psycopg.Connection) -> None:
+        self.pool.putconn(conn)
+
     @contextmanager
     def session(self) -> Iterator[psycopg.Connection]:
-        try:
-            conn = self.pool.getconn()
-        except PoolTimeout:
-            raise self._unreachable() from None
+        conn = self.acquire()
         try:
             yield conn
         except psycopg.OperationalError:
             if conn.broken:
-                raise self._unreachable() from None
+                raise DatabaseUnavailable(f"warehouse unreachable ({self.where})") from None
             raise
         finally:
-            self.pool.putconn(conn)
-
-    def _unreachable(self) -> DatabaseUnavailable:
-        return DatabaseUnavailable(f"warehouse unreachable ({self.where})")
+            self.release(conn)
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """function(conn, *args) in a worker thread, on a pooled session."""

@@ -139,6 +139,7 @@ def record_use(
 ) -> None:
     """Audit one request, and count it on its key when the key was accepted (an unknown
     key's request is audited without a key; a revoked key's against it, uncounted)."""
+    endpoint = endpoint.replace("\x00", "\ufffd")  # a text column holds no NUL
     with conn.transaction():
         conn.execute(
             "INSERT INTO api_key_audit (key_id, endpoint, method, status_code) "

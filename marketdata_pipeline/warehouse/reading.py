@@ -35,6 +35,14 @@ class BarSize(StrEnum):
     def relation(self) -> str:
         return f"bars_{self.value}"
 
+    @property
+    def span(self) -> str:
+        """How long one bar lasts, as a PostgreSQL interval (a stock's trading day is one
+        day too: its bar starts at midnight New York)."""
+        return {"minute": "1 minute", "hourly": "1 hour", "daily": "1 day", "weekly": "1 week"}[
+            self.value
+        ]
+
 
 COLUMNS = ("ts", "open", "high", "low", "close", "volume", "vwap", "trades")
 ARROW_SCHEMA = pa.schema(
@@ -48,7 +56,8 @@ ARROW_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class BarRange:
-    """One symbol's bars of one size with start <= ts < end."""
+    """One symbol's bars of one size that overlap [start, end): a week that holds the range's
+    first day is in it, though its bar starts before."""
 
     symbol: str
     size: BarSize
@@ -59,13 +68,15 @@ class BarRange:
         """The range's SELECT, oldest first, with its values bound client-side (COPY takes
         no server parameters); the symbol was checked against the strict pattern before."""
         return sql.SQL(
-            "SELECT {columns} FROM {relation} WHERE symbol = {symbol} AND ts >= {start} "
-            "AND ts < {end}{after} ORDER BY ts{limit}"
+            "SELECT {columns} FROM {relation} WHERE symbol = {symbol} "
+            "AND ts > {start}::timestamptz - {span}::interval AND ts < {end}{after} "
+            "ORDER BY ts{limit}"
         ).format(
             columns=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
             relation=sql.Identifier(self.size.relation),
             symbol=sql.Literal(self.symbol),
             start=sql.Literal(self.start),
+            span=sql.Literal(self.size.span),
             end=sql.Literal(self.end),
             after=sql.SQL(" AND ts > {}").format(sql.Literal(after)) if after else sql.SQL(""),
             limit=sql.SQL(" LIMIT {}").format(sql.Literal(limit)) if limit else sql.SQL(""),
@@ -75,29 +86,33 @@ class BarRange:
 @dataclass(frozen=True)
 class JsonPage:
     bars: str  # a JSON array of bar objects, `ts` in RFC 3339 UTC
-    count: int
-    last: datetime | None
+    last: datetime | None  # the last bar's start, when more bars follow it
 
 
 def json_page(
     conn: psycopg.Connection, bars: BarRange, *, after: datetime | None, limit: int
 ) -> JsonPage:
     """At most `limit` bars of the range after `after`, oldest first, as JSON text built by
-    PostgreSQL: a tenth of the time of Python objects, and off the API's event loop."""
+    PostgreSQL: a tenth of the time of Python objects, and off the API's event loop. One bar
+    more is read to tell whether another page follows."""
     row = conn.execute(
         sql.SQL(
-            "SELECT count(*), max(ts), '[' || coalesce(string_agg(json_build_object("
+            "SELECT count(*) > {limit}, max(ts) FILTER (WHERE n <= {limit}), "
+            "'[' || coalesce(string_agg(json_build_object("
             """'ts', to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), {fields}"""
-            ")::text, ',' ORDER BY ts), '') || ']' FROM ({select}) page"
+            ")::text, ',' ORDER BY ts) FILTER (WHERE n <= {limit}), '') || ']' "
+            "FROM (SELECT *, row_number() OVER (ORDER BY ts) AS n FROM ({select}) bars) page"
         ).format(
+            limit=sql.Literal(limit),
             fields=sql.SQL(", ").join(
                 sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier(c)) for c in COLUMNS[1:]
             ),
-            select=bars.select(after=after, limit=limit),
+            select=bars.select(after=after, limit=limit + 1),
         )
     ).fetchone()
     assert row is not None
-    return JsonPage(bars=row[2], count=row[0], last=row[1])
+    more, last, text = row
+    return JsonPage(bars=text, last=last if more else None)
 
 
 def csv_chunks(conn: psycopg.Connection, bars: BarRange, *, header: bool) -> Iterator[bytes]:
