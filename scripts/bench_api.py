@@ -11,8 +11,8 @@ process on loopback; the clients are this process. Each figure is the best of th
   memory (the bytes, not decoded): the database's own limit for a Python consumer.
 - Arrow: GET /v1/bars?format=arrow, the whole range streamed, read into a polars DataFrame.
 - JSON: the same bars as JSON pages of 50,000 following `next`, each decoded.
-- Latency: --clients threads each ask --requests times for one random day of minute bars
-  (JSON, then Arrow); p50 and p99 of the request times.
+- Latency: --clients threads, each with its own key, ask --requests times each for one
+  random day of minute bars (JSON, then Arrow); p50 and p99 of the request times.
 - Refusals: the median time of a 401 for a near miss of the real key, an unknown key and a
   malformed one, interleaved: they should not differ.
 """
@@ -141,15 +141,25 @@ def json_over_http(client: httpx.Client, query: str) -> Callable[[], int]:
     return run
 
 
-def latencies(base: str, key: str, days: int, clients: int, requests: int, fmt: str) -> list:
-    """Seconds of each one-day request, `clients` threads at once."""
+def latencies(base: str, keys: list[str], days: int, requests: int, fmt: str) -> list:
+    """Seconds of each one-day request, a thread per key at once (a stream is at most two a
+    key: these are separate consumers)."""
     times: list[float] = []
+    failures: list[BaseException] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(clients)
+    barrier = threading.Barrier(len(keys))
 
     def client(seed: int) -> None:
+        try:
+            ask(seed)
+        except BaseException as failure:
+            failures.append(failure)
+            raise
+
+    def ask(seed: int) -> None:
         pick = random.Random(seed)
-        with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=60) as http:
+        headers = {"X-API-Key": keys[seed]}
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
             barrier.wait()
             for _ in range(requests):
                 day = (FIRST_BAR + timedelta(days=pick.randrange(days))).date()
@@ -163,11 +173,13 @@ def latencies(base: str, key: str, days: int, clients: int, requests: int, fmt: 
                 with lock:
                     times.append(elapsed)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(keys))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        raise SystemExit(f"bench: {len(failures)} client(s) failed, first: {failures[0]}")
     return times
 
 
@@ -223,8 +235,10 @@ def main() -> None:
                 print(f"  {name}: {figures[name]:.2f} s", flush=True)
         refusals = refusal_times(base, key, 200)
         days = max(1, args.bars // 1440)
+        with db.connection(url) as conn:
+            consumers = [api_keys.create(conn, f"client {i}")[1] for i in range(args.clients)]
         for fmt in ("json", "arrow"):
-            times = latencies(base, key, days, args.clients, args.requests, fmt)
+            times = latencies(base, consumers, days, args.requests, fmt)
             figures[f"day_{fmt}_p50_ms"] = percentile(times, 0.50) * 1000
             figures[f"day_{fmt}_p99_ms"] = percentile(times, 0.99) * 1000
             figures[f"day_{fmt}_requests"] = len(times)

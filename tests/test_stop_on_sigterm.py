@@ -78,10 +78,11 @@ def test_a_run_stops_within_seconds_of_sigterm(database_url: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_ui_stopped_by_sigterm_stops_dagster_and_its_embedded_server(tmp_path) -> None:
-    """A service manager's stop (SIGTERM to the `marketdata ui` process alone) shuts the UI
-    down as Ctrl-C does: dagster dev and the read API end, the embedded PostgreSQL it
-    started stops."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_the_ui_stopped_by_a_signal_stops_dagster_the_api_and_its_server(tmp_path, stop) -> None:
+    """A service manager's stop (SIGTERM, or SIGINT, to the `marketdata ui` process alone)
+    shuts the UI down as Ctrl-C does: dagster dev and the read API end, the embedded
+    PostgreSQL it started stops."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "DATABASE_"))}
     env |= {"MARKETDATA_HOME": str(home), "DAGSTER_HOME": ""}
@@ -104,30 +105,36 @@ def test_the_ui_stopped_by_sigterm_stops_dagster_and_its_embedded_server(tmp_pat
         text=True,
         start_new_session=True,  # its processes are the session's: none may be left
     )
-    assert ui.stdout is not None
-    said = []
-    for line in ui.stdout:
-        said.append(line)
-        if line.startswith("Dagster UI:"):
-            break
-    assert any(line.startswith("Dagster UI:") for line in said), "".join(said)
-    time.sleep(5)  # dagster dev starts its webserver and daemon
-    assert (home / "pgdata" / "postmaster.pid").exists()
-    # The read API beside it answers the admin key that bootstrap printed.
-    admin_key = next(line.rsplit(": ", 1)[1].strip() for line in said if "admin API key" in line)
-    health = httpx.get(
-        f"http://127.0.0.1:{api_port}/v1/health", headers={"X-API-Key": admin_key}, timeout=10
-    )
-    assert health.status_code == 200 and health.json()["warehouse"] == "reachable"
-    ui.send_signal(signal.SIGTERM)
-    rest, _ = ui.communicate(timeout=90)
-    assert ui.returncode == 0, "".join(said) + rest
-    assert "embedded PostgreSQL stopped" in rest
-    assert not (home / "pgdata" / "postmaster.pid").exists()
-    assert not (home / "ui.json").exists()
-    time.sleep(1)
-    leftover = subprocess.run(
-        ["pgrep", "-a", "-s", str(ui.pid)], capture_output=True, text=True, check=False
-    ).stdout.splitlines()
-    alive = [line for line in leftover if "<defunct>" not in line]  # exited, not yet reaped
-    assert not alive, f"processes left: {alive}"
+    try:
+        assert ui.stdout is not None
+        said = []
+        for line in ui.stdout:
+            said.append(line)
+            if line.startswith("Dagster UI:"):
+                break
+        assert any(line.startswith("Dagster UI:") for line in said), "".join(said)
+        time.sleep(5)  # dagster dev starts its webserver and daemon
+        assert (home / "pgdata" / "postmaster.pid").exists()
+        # The read API beside it answers the admin key that bootstrap printed.
+        admin_key = next(
+            line.rsplit(": ", 1)[1].strip() for line in said if "admin API key" in line
+        )
+        health = httpx.get(
+            f"http://127.0.0.1:{api_port}/v1/health", headers={"X-API-Key": admin_key}, timeout=10
+        )
+        assert health.status_code == 200 and health.json()["warehouse"] == "reachable"
+        ui.send_signal(stop)
+        rest, _ = ui.communicate(timeout=90)
+        assert ui.returncode == 0, "".join(said) + rest
+        assert "embedded PostgreSQL stopped" in rest
+        assert not (home / "pgdata" / "postmaster.pid").exists()
+        assert not (home / "ui.json").exists()
+        time.sleep(1)
+        leftover = subprocess.run(
+            ["pgrep", "-a", "-s", str(ui.pid)], capture_output=True, text=True, check=False
+        ).stdout.splitlines()
+        alive = [line for line in leftover if "<defunct>" not in line]  # exited, not yet reaped
+        assert not alive, f"processes left: {alive}"
+    finally:
+        if ui.poll() is None:  # failed while it ran: leave nothing of its session behind
+            os.killpg(ui.pid, signal.SIGKILL)

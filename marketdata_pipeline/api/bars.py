@@ -106,9 +106,11 @@ def _moment(
             raise ApiError(400, f"{name} {shown!r} has no time zone: add Z or an offset")
         return moment.astimezone(UTC)
     except ValueError:
+        # A `+` sent unencoded in a URL arrives as a space.
+        hint = " (send a + in a URL as %2B)" if " " in raw else ""
         raise ApiError(
             400, f"{name} {shown!r} is neither a date (2024-01-02) nor a time "
-            "(2024-01-02T14:30:00Z)",
+            f"(2024-01-02T14:30:00Z){hint}",
         ) from None  # fmt: skip
     except OverflowError:  # the first or last representable day, shifted past the calendar
         raise ApiError(400, f"{name} {shown!r} is out of range") from None

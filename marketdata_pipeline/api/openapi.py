@@ -38,6 +38,14 @@ _ERRORS = {
 }
 
 
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "schema": {"type": "integer"},
+    }
+}
+
+
 def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
@@ -78,8 +86,10 @@ DOCUMENT: dict[str, Any] = {
         "/v1/bars/{symbol}": _get(
             "One symbol's bars over a range",
             {
-                "description": "A JSON page, or the whole range streamed as CSV, Arrow IPC "
-                "(stream format) or Parquet. Bars are oldest first; `ts` is the bar's start.",
+                "description": "The bars that overlap [start, end), oldest first: a JSON page, "
+                "or the whole range streamed as CSV (times `2024-01-02 14:30:00+00`), Arrow "
+                "IPC (stream format) or Parquet. `ts` is the bar's start, in UTC. A key may "
+                "have 2 streams open at a time.",
                 "content": {
                     Format.JSON.media_type: {"schema": _ref("BarsPage")},
                     Format.CSV.media_type: {"schema": {"type": "string"}},
@@ -94,15 +104,16 @@ DOCUMENT: dict[str, Any] = {
                     "in": "query",
                     "schema": {"enum": [s.value for s in BarSize], "default": "daily"},
                     "description": "minute and daily bars as loaded; hourly and weekly "
-                    "aggregated from them (weeks start Monday 00:00 UTC).",
+                    "aggregated from them (weeks start Monday 00:00 UTC, and for weekly bars "
+                    "a date is a UTC day).",
                 },
                 {
                     "name": "start",
                     "in": "query",
                     "required": True,
                     "schema": {"type": "string"},
-                    "description": "First bar start, inclusive: a date (the market day's start "
-                    "in its time zone) or an RFC 3339 time with offset.",
+                    "description": "Start, inclusive: a date (the market day's start in its "
+                    "time zone) or an RFC 3339 time with offset.",
                 },
                 {
                     "name": "end",
@@ -136,7 +147,7 @@ DOCUMENT: dict[str, Any] = {
                 },
             ],
             responses={
-                "400": _error("A bad parameter, named in the message."),
+                "400": _error("A bad, unknown or repeated parameter, named in the message."),
                 "404": _error("The symbol is not registered."),
             },
         ),
@@ -182,15 +193,19 @@ DOCUMENT: dict[str, Any] = {
         "responses": {
             "Unauthorized": _error("Missing, unknown, revoked or deleted API key."),
             "TooManyRequests": {
-                **_error("The key's rate limit is reached."),
-                "headers": {
-                    "Retry-After": {
-                        "description": "Seconds until a request is allowed again.",
-                        "schema": {"type": "integer"},
-                    }
-                },
+                **_error(
+                    "The key's rate limit is reached, the key has 2 streams open, or this "
+                    "address sent too many refused keys."
+                ),
+                "headers": _RETRY_AFTER,
             },
-            "Unavailable": _error("The warehouse is unreachable."),
+            "Unavailable": {
+                **_error(
+                    "The warehouse is unreachable, or busy: every session is in use (then "
+                    "with Retry-After)."
+                ),
+                "headers": _RETRY_AFTER,
+            },
         },
         "schemas": {
             "Error": _object({"error": {"type": "string"}}),
@@ -212,7 +227,8 @@ DOCUMENT: dict[str, Any] = {
                     "bars": {"type": "array", "items": _ref("Bar")},
                     "next": {
                         "type": ["string", "null"],
-                        "description": "The next page's URL; null on the last page.",
+                        "description": "The next page's path and query, relative to the "
+                        "server; null on the last page.",
                     },
                 }
             ),

@@ -64,6 +64,8 @@ keys_delete = _key_action("delete", "deleted")
 def keys_audit(key_id: int | None, limit: int, offset: int) -> None:
     """The audit log, newest first."""
     with warehouse() as conn:
+        if key_id is not None:
+            api_keys.get(conn, key_id)  # NotFound: an empty table would say it was never used
         entries = api_keys.audit(conn, key_id=key_id, limit=limit, offset=offset)
     table(
         ["ID", "KEY", "METHOD", "ENDPOINT", "STATUS", "TIME"],

@@ -98,8 +98,11 @@ def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> Non
     api = subprocess.Popen(
         [sys.executable, "-m", "marketdata_pipeline", "serve", "--port", str(api_port)]
     )
-    # A service manager stops the UI with SIGTERM: shut down as on Ctrl-C.
+    # A service manager stops the UI with SIGTERM: shut down as on Ctrl-C. SIGINT is set
+    # again too: polars installs its own handler, which restarts the wait below, so a SIGINT
+    # sent to this process alone (not from a terminal, to the group) changed nothing.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         dagster.wait()
     except KeyboardInterrupt:
