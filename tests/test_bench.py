@@ -8,20 +8,22 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import PROJECT_DIR
 
 
-@pytest.mark.slow
-def test_bench_runs_every_loader_and_a_dagster_backfill(pg_admin_url, tmp_path) -> None:
-    output = tmp_path / "bench.json"
+def run_bench(
+    script: str, admin_url: str, home: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """Run scripts/SCRIPT on the suite's server; its output and the figures it wrote."""
+    output = home / "figures.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "DAGSTER_"))}
-    env |= {"DATABASE_URL": pg_admin_url, "MARKETDATA_HOME": str(tmp_path)}
-    args = ["--symbols", "2", "--months", "3", "--sample", "2000", "--json", str(output)]
+    env |= {"DATABASE_URL": admin_url, "MARKETDATA_HOME": str(home)}
     done = subprocess.run(
-        [sys.executable, "scripts/bench.py", *args],
+        [sys.executable, f"scripts/{script}", *args, "--json", str(output)],
         cwd=PROJECT_DIR,
         env=env,
         capture_output=True,
@@ -29,7 +31,14 @@ def test_bench_runs_every_loader_and_a_dagster_backfill(pg_admin_url, tmp_path) 
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    figures = json.loads(output.read_text())
+    return done, json.loads(output.read_text())
+
+
+@pytest.mark.slow
+def test_bench_runs_every_loader_and_a_dagster_backfill(pg_admin_url, tmp_path) -> None:
+    done, figures = run_bench(
+        "bench.py", pg_admin_url, tmp_path, "--symbols", "2", "--months", "3", "--sample", "2000"
+    )
     methods = {r["method"]: r for r in figures["results"]}
     assert len(methods) == 12 and all(r["bars_per_second"] > 0 for r in methods.values())
     bars = figures["workload"]["bars"]
@@ -46,20 +55,8 @@ def test_bench_runs_every_loader_and_a_dagster_backfill(pg_admin_url, tmp_path) 
 def test_bench_api_measures_every_figure(pg_admin_url, tmp_path) -> None:
     """The read API benchmark on a small workload: each read returns exactly the bars stored
     (the script checks each count and exits non-zero otherwise) and every figure is printed."""
-    output = tmp_path / "bench_api.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "DAGSTER_"))}
-    env |= {"DATABASE_URL": pg_admin_url, "MARKETDATA_HOME": str(tmp_path)}
-    args = ["--bars", "20000", "--clients", "4", "--requests", "5", "--json", str(output)]
-    done = subprocess.run(
-        [sys.executable, "scripts/bench_api.py", *args],
-        cwd=PROJECT_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    figures = json.loads(output.read_text())
+    args = ("--bars", "20000", "--clients", "4", "--requests", "5")
+    done, figures = run_bench("bench_api.py", pg_admin_url, tmp_path, *args)
     assert figures["day_json_requests"] == figures["day_arrow_requests"] == 20
     assert all(figures[k] > 0 for k in ("copy_binary_s", "arrow_http_s", "json_http_s"))
     assert set(figures["refusals"]) == {

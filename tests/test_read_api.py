@@ -83,16 +83,22 @@ def api_server(url: str, log: Path, *args: str) -> Iterator[Server]:
         process.wait(timeout=10)
 
 
+def _migrated_database(admin_url: str, name: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(admin_url, name)
+    with connection(url) as conn:
+        migrations.migrate(conn)
+    return url
+
+
 @pytest.fixture(scope="module")
 def warehouse(pg_admin_url: str) -> Iterator[str]:
     """AAPL (stock) minutes of four January sessions and a year of daily bars; BTC (crypto)
     minutes of all of 2023. Random full-precision doubles, some vwap and trades NULL."""
     name = f"t_api_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(pg_admin_url, name)
+    url = _migrated_database(pg_admin_url, name)
     with connection(url) as conn:
-        migrations.migrate(conn)
         symbols.add(conn, "AAPL", AssetClass.STOCK)
         symbols.add(conn, "BTC", AssetClass.CRYPTO)
         symbols.add(conn, "MSFT", AssetClass.STOCK)  # registered, nothing loaded yet
@@ -545,11 +551,8 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_session(
 
 def test_an_unreachable_warehouse_is_503_in_one_line(pg_admin_url: str, tmp_path: Path) -> None:
     name = f"t_gone_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(pg_admin_url, name)
+    url = _migrated_database(pg_admin_url, name)
     with connection(url) as conn:
-        migrations.migrate(conn)
         key = api_keys.create(conn, "ops")[1]
     with api_server(url, tmp_path / "serve.log") as server, server.client(key) as client:
         assert client.get("/v1/health").status_code == 200
