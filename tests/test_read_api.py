@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -504,6 +505,26 @@ def test_a_bad_rate_limit_or_port_exits_with_one_line() -> None:
         )
         assert done.returncode != 0 and done.stderr.startswith(expected), done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_is_one_line_before_anything_is_announced(warehouse: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "marketdata_pipeline", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            cwd=PROJECT_DIR,
+            env={**os.environ, "DATABASE_URL": warehouse},
+            timeout=60,
+        )
+    assert done.returncode == 1 and done.stdout == ""
+    assert (
+        done.stderr
+        == f"marketdata: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["arrow", "csv", "parquet"])

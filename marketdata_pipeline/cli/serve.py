@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import click
 import uvicorn
 
 from marketdata_pipeline import config
 from marketdata_pipeline.api.app import OPENAPI_PATH, create_app
+from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.warehouse import embedded
 from marketdata_pipeline.warehouse.connection import connection, describe
 from marketdata_pipeline.warehouse.migrations import pending
@@ -31,8 +34,15 @@ def serve_command(host: str, port: int, rate_limit: str | None) -> None:
             raise click.ClickException(
                 f"the warehouse has {len(waiting)} migration(s) pending: run `marketdata bootstrap`"
             )
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bound here, not by uvicorn, for a one-line error before anything is announced
+        listening.bind((host, port))
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None
     click.echo(
         f"read API: http://{host}:{port}/v1 (document {OPENAPI_PATH}; warehouse {describe(url)}; "
         f"{limit} per key)"
     )
-    uvicorn.run(create_app(url, limit), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(url, limit), log_level="warning"))
+    server.run(sockets=[listening])
