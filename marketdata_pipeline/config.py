@@ -104,11 +104,14 @@ def api_rate_limit(raw: str | None = None) -> RateLimitItem:
     """A key's request limit: `raw`, else MARKETDATA_API_RATE_LIMIT, else 600 a minute."""
     raw = raw or os.environ.get("MARKETDATA_API_RATE_LIMIT") or DEFAULT_API_RATE_LIMIT
     try:
-        return limits.parse(raw)
+        limit = limits.parse(raw)
     except ValueError:
+        limit = None
+    if limit is None or limit.amount < 1:
         raise ConfigError(
             f"API rate limit must read like 600/minute or 10 per second, got {raw[:40]!r}"
-        ) from None
+        )
+    return limit
 
 
 # What `marketdata ui` serves by default; MARKETDATA_UI_URL when the UI is elsewhere.

@@ -10,9 +10,11 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -392,6 +394,12 @@ def test_every_auth_failure_is_one_401_line_audited_and_the_key_never_logged(
         ("/v1/bars/AAPL?start=2024-01-02&api_key=x", 400, "in the X-API-Key header, not in"),
         ("/v1/bars/AAPL?start=2024-01-02&limit=1_0", 400, "limit must be a whole number"),
         ("/v1/health%00", 404, "no endpoint /v1/health"),
+        ("/v1/health/", 404, "no endpoint /v1/health/"),
+        ("/v1/health?api_key=x", 400, "in the X-API-Key header, not in"),
+        ("/v1/usage?verbose=1", 400, "unknown parameter 'verbose': this endpoint takes none"),
+        ("/v1/symbols?asset_clas=crypto", 400, "unknown parameter 'asset_clas'"),
+        ("/v1/symbols/AAPL/stats?x=1", 400, "unknown parameter 'x'"),
+        (f"/v1/bars/AAPL?start=2024-01-02&limit=1{'0' * 5000}", 400, "limit must be 1 to"),
     ],
 )
 def test_bad_input_gets_a_4xx_with_one_readable_line(
@@ -417,7 +425,7 @@ def test_weekly_bars_are_the_weeks_that_hold_the_days_asked(server: Server, key:
     assert weeks("2024-01-06", "2024-01-07") == ["2024-01-01T00:00:00Z"], "the week of a weekend"
 
 
-def test_a_nul_in_the_path_and_a_doubled_key_are_refused_and_audited(
+def test_a_nul_a_doubled_key_and_a_key_in_the_path_are_refused_and_audited(
     server: Server, key: str, warehouse: str
 ) -> None:
     with connection(warehouse) as conn:
@@ -425,13 +433,17 @@ def test_a_nul_in_the_path_and_a_doubled_key_are_refused_and_audited(
     with server.client(key) as client:
         nul = client.get("/v1/bars/AAPL%00?start=2024-01-02")
         doubled = client.get("/v1/health", headers=[("X-API-Key", key), ("X-API-Key", key)])
+        in_path = client.get(f"/v1/usage/{key}")  # a key put in a URL is not repeated
     assert nul.status_code == 400 and "invalid symbol" in nul.json()["error"]
     assert doubled.status_code == 401
     assert doubled.json() == {"error": "missing API key: send one X-API-Key header"}
+    assert in_path.status_code == 404 and key not in in_path.text
+    assert in_path.json() == {"error": "no endpoint /v1/usage/mdw_... (see /v1/openapi.json)"}
     with connection(warehouse) as conn:
         trail = api_keys.audit(conn, limit=10_000)
-    assert len(trail) == before + 2
-    assert (trail[1].endpoint, trail[1].status_code) == ("/v1/bars/AAPL\ufffd", 400)
+    assert len(trail) == before + 3
+    assert (trail[0].endpoint, trail[0].status_code) == ("/v1/usage/mdw_...", 404)
+    assert (trail[2].endpoint, trail[2].status_code) == ("/v1/bars/AAPL\ufffd", 400)
     assert "Traceback" not in server.log.read_text()
 
 
@@ -442,19 +454,34 @@ def test_slow_streams_cannot_lock_out_other_clients(server: Server, warehouse: s
         keys = [api_keys.create(conn, f"slow-{i}")[1] for i in range(5)]
     year = f"/v1/bars/BTC?timeframe=minute&start={YEAR_START}&end={YEAR_END}&format=csv"
     with contextlib.ExitStack() as held:
-        for raw in keys[:4]:  # 8 streams: every session of the stream pool
-            for _ in range(2):
+        entering = threading.Lock()
+
+        def hold(raw: str, barrier: threading.Barrier | None = None) -> int:
+            with entering:
                 client = held.enter_context(server.client(raw))
-                response = held.enter_context(client.stream("GET", year))
-                assert response.status_code == 200
+            if barrier:
+                barrier.wait()
+            stream = client.stream("GET", year)
+            response = stream.__enter__()  # outside the lock: the requests race
+            with entering:
+                held.push(stream)  # kept open, unread, until the test ends
+            return response.status_code
+
+        # Six requests of one key at once: its check cannot pass them all before any counts.
+        racing = threading.Barrier(6)
+        with ThreadPoolExecutor(6) as pool:
+            raced = sorted(pool.map(lambda _: hold(keys[4], racing), range(6)))
+        for raw in keys[:3]:  # with the race's 2, all 8 sessions of the stream pool are held
+            assert [hold(raw), hold(raw)] == [200, 200]
         with server.client(keys[0]) as first:
             third = first.get(year)
-        with server.client(keys[4]) as other:
+        with server.client(keys[3]) as other:
             started = time.monotonic()
             busy = other.get(year)
             waited = time.monotonic() - started
             health = other.get("/v1/health")
             page = other.get("/v1/bars/BTC?timeframe=minute&start=2023-06-01&end=2023-06-01")
+    assert raced == [200, 200, 429, 429, 429, 429], raced
     assert third.status_code == 429 and third.headers["Retry-After"] == "5"
     assert "this key has 2 streams open already" in third.json()["error"]
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "5", busy.text
@@ -485,15 +512,44 @@ def test_a_key_over_its_rate_limit_gets_429_with_retry_after(
         refused = busy.get("/v1/health")
         assert quiet.get("/v1/health").status_code == 200, "the limit is per key"
         usage = quiet.get("/v1/usage").json()
+        # Refused keys count against the address they come from, whatever it claims to be.
+        for forwarded in ("203.0.113.1", "203.0.113.2", "203.0.113.3"):
+            headers = {"X-API-Key": "mdw_nope", "X-Forwarded-For": forwarded}
+            assert httpx.get(f"{server.url}/v1/health", headers=headers).status_code == 401
+        headers = {"X-API-Key": "mdw_nope", "X-Forwarded-For": "203.0.113.4"}
+        probing = httpx.get(f"{server.url}/v1/health", headers=headers)
+    assert probing.status_code == 429
+    assert "for refused API keys from this address" in probing.json()["error"]
     assert refused.status_code == 429
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.json()["error"].startswith("rate limit of 3 per 1 minute for this key reached")
     assert usage["rate_limit"] == "3 per 1 minute" and usage["rate_limit_remaining"] == 1
 
 
+def test_a_key_has_at_most_8_requests_in_progress(server: Server, warehouse: str) -> None:
+    """One key's many concurrent JSON pages cannot take every query session from the others."""
+    with connection(warehouse) as conn:
+        greedy = api_keys.create(conn, "greedy")[1]
+    page = "/v1/bars/BTC?timeframe=minute&start=2023-01-01&end=2023-03-01&limit=50000"
+    start_together = threading.Barrier(12)
+
+    def ask(_: int) -> httpx.Response:
+        with server.client(greedy) as client:
+            start_together.wait()
+            return client.get(page)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(ask, range(12)))
+    refused = [a for a in answers if a.status_code == 429]
+    assert {a.status_code for a in answers} == {200, 429}
+    assert len(answers) - len(refused) >= 8 and refused[0].headers["Retry-After"] == "5"
+    assert "this key has 8 requests in progress" in refused[0].json()["error"]
+
+
 def test_a_bad_rate_limit_or_port_exits_with_one_line() -> None:
     for args, expected in (
         (["--rate-limit", "lots"], "marketdata: error: API rate limit must read like"),
+        (["--rate-limit", "0/minute"], "marketdata: error: API rate limit must read like"),
         (["--port", "0"], "marketdata: Invalid value for '--port'"),
     ):
         done = subprocess.run(

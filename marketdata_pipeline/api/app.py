@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
@@ -22,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from marketdata_pipeline.api import bars, openapi
-from marketdata_pipeline.api.bars import ApiError, iso
+from marketdata_pipeline.api.http import ApiError, iso, query_parameters
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, PoolBusy, WarehousePool
 from marketdata_pipeline.domain import AssetClass, InvalidSymbol
 from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable, NotFound
@@ -36,10 +37,15 @@ log = logging.getLogger(__name__)
 
 OPENAPI_PATH = "/v1/openapi.json"
 AUDIT_SHOWN = 20
+REQUESTS_PER_KEY = 8
 
 
 def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": api_keys.redact(message)}, status_code=status, headers=headers)
+
+
+class _Unaudited(Exception):
+    """A response could not be audited, so a 503 went out in its place."""
 
 
 def _unavailable(reason: DatabaseUnavailable | PoolBusy) -> JSONResponse:
@@ -49,15 +55,20 @@ def _unavailable(reason: DatabaseUnavailable | PoolBusy) -> JSONResponse:
 
 class KeyGate:
     """Every request under /v1 but the OpenAPI document needs an active X-API-Key, within
-    the key's rate limit. Each is audited (and counted on its key) with its status as its
-    response starts, so a client's next request already sees it in its usage. A client
-    address refused too often is refused without a lookup, for the rest of the window."""
+    the key's rate limit and with at most REQUESTS_PER_KEY of its requests in progress.
+
+    Each request is audited (and counted on its key) with its status as its response starts,
+    so a client's next request already sees it in its usage; a response that cannot be
+    audited is not sent, a 503 is. Keys are checked and requests audited on sessions of
+    their own, which slow queries cannot take. A client address refused too often is refused
+    without a lookup, for the rest of the window."""
 
     def __init__(self, app: ASGIApp, warehouse: WarehousePool, rate_limit: RateLimitItem) -> None:
         self.app = app
         self.warehouse = warehouse
         self.rate_limit = rate_limit
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.in_progress: Counter[int] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == OPENAPI_PATH:
@@ -78,12 +89,21 @@ class KeyGate:
                         await self.warehouse.run(
                             api_keys.record_use, key_id, endpoint, scope["method"], status
                         )
-                    except (DatabaseUnavailable, PoolBusy) as lost:  # the answer goes out
-                        log.warning("%s %s (%s) not audited: %s", scope["method"], endpoint,
-                                    status, lost)  # fmt: skip
+                    except (DatabaseUnavailable, PoolBusy) as lost:
+                        await _unavailable(lost)(scope, receive, send)
+                        raise _Unaudited from None
             await send(message)
 
-        await (refusal or self.app)(scope, receive, send_audited)
+        accepted = key_id if refusal is None else None
+        if accepted is not None:
+            self.in_progress[accepted] += 1
+        try:
+            await (refusal or self.app)(scope, receive, send_audited)
+        except _Unaudited:
+            log.warning("%s %s refused: it could not be audited", scope["method"], scope["path"])
+        finally:
+            if accepted is not None:
+                self.in_progress[accepted] -= 1
 
     async def _check(self, scope: Scope) -> tuple[int | None, Response | None]:
         """The key id to audit the request against, and the refusal if it is refused; an
@@ -102,9 +122,15 @@ class KeyGate:
             self.limiter.hit(self.rate_limit, client)
             return rejected.key_id, error(401, "invalid API key: unknown, revoked or deleted")
         scope.setdefault("state", {})["api_key"] = key
-        if self.limiter.hit(self.rate_limit, str(key.id)):
-            return key.id, None
-        return key.id, self._retry_later(str(key.id), "this key")
+        if not self.limiter.hit(self.rate_limit, str(key.id)):
+            return key.id, self._retry_later(str(key.id), "this key")
+        if self.in_progress[key.id] >= REQUESTS_PER_KEY:
+            return key.id, error(
+                429,
+                f"this key has {REQUESTS_PER_KEY} requests in progress: retry when one ends",
+                {"Retry-After": str(BUSY_RETRY_SECONDS)},
+            )
+        return key.id, None
 
     def _retry_later(self, counted: str, what: str) -> Response:
         reset_at, _ = self.limiter.get_window_stats(self.rate_limit, counted)
@@ -131,8 +157,10 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
     """The API over the warehouse at `url`, each key allowed `rate_limit` requests."""
     warehouse = WarehousePool(url, sessions=10, purpose="queries")
     streams = bars.Streams(url)
+    keys = WarehousePool(url, sessions=4, purpose="API keys and the audit")
 
     async def health(request: Request) -> Response:
+        query_parameters(request, ())
         latest = await warehouse.run(latest_bars)
         return JSONResponse(
             {
@@ -145,6 +173,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
         )
 
     async def usage(request: Request) -> Response:
+        query_parameters(request, ())
         key: api_keys.ApiKey = request.state.api_key
         recent = await warehouse.run(
             lambda conn: api_keys.audit(conn, key_id=key.id, limit=AUDIT_SHOWN)
@@ -168,7 +197,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
         )  # fmt: skip
 
     async def symbol_list(request: Request) -> Response:
-        raw_class = request.query_params.get("asset_class")
+        raw_class = query_parameters(request, ("asset_class",)).get("asset_class")
         try:
             asset_class = AssetClass.parse(raw_class) if raw_class else None
         except ConfigError as bad:
@@ -192,6 +221,8 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
         )  # fmt: skip
 
     async def symbol_stats(request: Request) -> Response:
+        query_parameters(request, ())
+
         def read(conn: psycopg.Connection) -> tuple:
             tracked, per_timeframe = stats(conn, request.path_params["symbol"])
             counts = backfill_state.window_counts(conn).get(tracked.symbol, WindowCounts())
@@ -254,7 +285,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pools = (warehouse.pool, streams.warehouse.pool)
+        pools = (keys.pool, warehouse.pool, streams.warehouse.pool)
         for pool in pools:
             pool.open()
         try:
@@ -283,5 +314,6 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
         },
         lifespan=lifespan,
     )
-    gate = KeyGate(app, warehouse, rate_limit)
+    app.router.redirect_slashes = False  # its redirects name the Host the client sent
+    gate = KeyGate(app, keys, rate_limit)
     return gate

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from marketdata_pipeline.api.http import ApiError, iso, query_parameters
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, WarehousePool
 from marketdata_pipeline.registry import symbols
 from marketdata_pipeline.registry.api_keys import ApiKey
@@ -31,17 +32,7 @@ JSON_PAGE_DEFAULT = 5_000
 JSON_PAGE_MAX = 50_000
 STREAMS_PER_KEY = 2
 _STREAM_CHUNK_BYTES = 1 << 20  # CSV leaves PostgreSQL a row at a time: sent a MiB at a time
-_PARAMETERS = ("timeframe", "start", "end", "format", "limit", "after")
-
-
-class ApiError(Exception):
-    """A request the API refuses: its status and one readable line."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
+PARAMETERS = ("timeframe", "start", "end", "format", "limit", "after")
 
 
 class Format(StrEnum):
@@ -58,29 +49,6 @@ class Format(StrEnum):
             Format.ARROW: "application/vnd.apache.arrow.stream",
             Format.PARQUET: "application/vnd.apache.parquet",
         }[self]
-
-
-def iso(moment: datetime | None) -> str | None:
-    """A time as the API writes it: RFC 3339 in UTC, to the second."""
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
-
-
-def _parameters(request: Request) -> dict[str, str]:
-    """The query's parameters, each given once, none unknown: a misspelt one would silently
-    fall back to its default."""
-    items = request.query_params.multi_items()
-    for name, _ in items:
-        if name.lower() in ("api_key", "apikey", "key", "x-api-key"):
-            raise ApiError(400, "send the API key in the X-API-Key header, not in the URL")
-        if name not in _PARAMETERS:
-            raise ApiError(
-                400, f"unknown parameter {name[:40]!r}: expected {', '.join(_PARAMETERS)}"
-            )
-        if sum(1 for other, _ in items if other == name) > 1:
-            raise ApiError(400, f"parameter {name} is given more than once")
-    return dict(items)
 
 
 def _choice(params: dict[str, str], name: str, kind: type[StrEnum], default: str) -> str:
@@ -129,7 +97,7 @@ class BarsRequest:
 
 
 def _parse(conn: psycopg.Connection, request: Request) -> BarsRequest:
-    params = _parameters(request)
+    params = query_parameters(request, PARAMETERS)
     size = BarSize(_choice(params, "timeframe", BarSize, "daily"))
     fmt = Format(_choice(params, "format", Format, "json"))
     tracked = symbols.get(conn, request.path_params["symbol"])  # InvalidSymbol, NotFound
@@ -151,7 +119,7 @@ def _parse(conn: psycopg.Connection, request: Request) -> BarsRequest:
         raw = params["limit"]
         if not (raw.isascii() and raw.isdigit()):
             raise ApiError(400, f"limit must be a whole number, got {raw[:40]!r}")
-        limit = int(raw)
+        limit = int(raw) if len(raw) <= 9 else 0  # int() refuses 4,300 digits and more
         if not 1 <= limit <= JSON_PAGE_MAX:
             raise ApiError(
                 400,
@@ -171,7 +139,7 @@ class Streams:
 
 
 async def respond(request: Request, queries: WarehousePool, streams: Streams) -> Response:
-    if _choice(_parameters(request), "format", Format, "json") == Format.JSON:
+    if _choice(query_parameters(request, PARAMETERS), "format", Format, "json") == Format.JSON:
         return await queries.run(_json_page, request)
     asked = await queries.run(_parse, request)
     key: ApiKey = request.state.api_key
@@ -181,9 +149,15 @@ async def respond(request: Request, queries: WarehousePool, streams: Streams) ->
             f"this key has {STREAMS_PER_KEY} streams open already: retry when one ends",
             headers={"Retry-After": str(BUSY_RETRY_SECONDS)},
         )
-    # The session is taken before the response starts: a stream that cannot have one is a
-    # 503, not a 200 with no body.
-    conn = await anyio.to_thread.run_sync(streams.warehouse.acquire)
+    # The slot is counted before waiting for a session, or simultaneous requests would all
+    # pass the check. The session is taken before the response starts: a stream that cannot
+    # have one is a 503, not a 200 with no body.
+    streams.open[key.id] += 1
+    try:
+        conn = await anyio.to_thread.run_sync(streams.warehouse.acquire)
+    except BaseException:
+        streams.open[key.id] -= 1
+        raise
     encode = {Format.CSV: _csv, Format.ARROW: _arrow, Format.PARQUET: _parquet}[asked.format]
     return _LeasedStream(
         streams,
@@ -207,7 +181,7 @@ def _json_page(conn: psycopg.Connection, request: Request) -> Response:
     page = reading.json_page(conn, asked.bars, after=asked.after, limit=asked.limit)
     following = None
     if page.last:  # a path and query of the known parameters: not the Host a client sent
-        query = {**_parameters(request), "after": page.last.isoformat()}
+        query = {**query_parameters(request, PARAMETERS), "after": page.last.isoformat()}
         following = f"{request.url.path}?{urlencode(query)}"
     head = {
         "symbol": asked.bars.symbol,
@@ -294,8 +268,7 @@ class _LeasedStream(StreamingResponse):
         **kwargs: Any,
     ) -> None:
         super().__init__(iterate_in_threadpool(chunks), **kwargs)
-        self._lease = (streams, key_id, conn, chunks)
-        streams.open[key_id] += 1
+        self._lease = (streams, key_id, conn, chunks)  # its slot was counted when taken
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -31,6 +31,7 @@ class WarehousePool:
     restarted warehouse costs no failed request."""
 
     def __init__(self, url: str, *, sessions: int, purpose: str) -> None:
+        self.url = url
         self.where = describe(url)
         self.purpose = purpose
         self.pool = ConnectionPool(
@@ -53,13 +54,15 @@ class WarehousePool:
         try:
             return self.pool.getconn()
         except PoolTimeout:
-            stats = self.pool.get_stats()
-            if stats["pool_size"] >= self.pool.max_size and not stats["pool_available"]:
-                raise PoolBusy(
-                    f"busy: all {self.pool.max_size} warehouse sessions for {self.purpose} are "
-                    f"in use; retry in {BUSY_RETRY_SECONDS} s"
-                ) from None
+            pass
+        try:  # none came free: because all are in use, or because none can be opened?
+            psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_SECONDS).close()
+        except psycopg.OperationalError:
             raise DatabaseUnavailable(f"warehouse unreachable ({self.where})") from None
+        raise PoolBusy(
+            f"busy: all {self.pool.max_size} warehouse sessions for {self.purpose} are in use; "
+            f"retry in {BUSY_RETRY_SECONDS} s"
+        )
 
     def release(self, conn: psycopg.Connection) -> None:
         self.pool.putconn(conn)

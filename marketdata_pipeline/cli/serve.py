@@ -44,5 +44,8 @@ def serve_command(host: str, port: int, rate_limit: str | None) -> None:
         f"read API: http://{host}:{port}/v1 (document {OPENAPI_PATH}; warehouse {describe(url)}; "
         f"{limit} per key)"
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(url, limit), log_level="warning"))
+    # Clients are whoever connects: no X-Forwarded-For is believed, even from loopback, where
+    # it would let a client pick the address its refused keys are counted against.
+    app = create_app(url, limit)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False))
     server.run(sockets=[listening])

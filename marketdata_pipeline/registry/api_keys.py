@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,9 +13,15 @@ import psycopg
 from marketdata_pipeline.errors import ConfigError, NotFound
 
 KEY_PREFIX = "mdw_"  # then 32 random bytes, URL-safe base64 without padding
+_KEY_LIKE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{8,}")
 # api_keys.id is a bigint: a larger id cannot exist, and PostgreSQL refuses it as a parameter
 # (NumericValueOutOfRange) instead of finding no row.
 MAX_KEY_ID = 2**63 - 1
+
+
+def redact(text: str) -> str:
+    """`text` with anything shaped like a key masked: a client may put its key in a URL."""
+    return _KEY_LIKE.sub(KEY_PREFIX + "...", text)
 
 
 def hash_key(raw_key: str) -> str:
@@ -139,7 +146,7 @@ def record_use(
 ) -> None:
     """Audit one request, and count it on its key when the key was accepted (an unknown
     key's request is audited without a key; a revoked key's against it, uncounted)."""
-    endpoint = endpoint.replace("\x00", "\ufffd")  # a text column holds no NUL
+    endpoint = redact(endpoint).replace("\x00", "\ufffd")  # a text column holds no NUL
     with conn.transaction():
         conn.execute(
             "INSERT INTO api_key_audit (key_id, endpoint, method, status_code) "

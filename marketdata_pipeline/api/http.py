@@ -1,0 +1,41 @@
+"""What every endpoint of the read API shares: its refusals, its parameters, its times."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from starlette.requests import Request
+
+from marketdata_pipeline.registry.api_keys import redact
+
+
+class ApiError(Exception):
+    """A request the API refuses: its status and one readable line."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def query_parameters(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query's parameters, each given once, none unknown: a misspelt one would silently
+    fall back to its default."""
+    items = request.query_params.multi_items()
+    for name, _ in items:
+        if name.lower() in ("api_key", "apikey", "key", "x-api-key"):
+            raise ApiError(400, "send the API key in the X-API-Key header, not in the URL")
+        if name not in allowed:
+            expected = f"expected {', '.join(allowed)}" if allowed else "this endpoint takes none"
+            raise ApiError(400, f"unknown parameter {redact(name)[:40]!r}: {expected}")
+        if sum(1 for other, _ in items if other == name) > 1:
+            raise ApiError(400, f"parameter {name} is given more than once")
+    return dict(items)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """A time as the API writes it: RFC 3339 in UTC, to the second."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
