@@ -32,6 +32,7 @@ _TIME = {"type": "string", "format": "date-time"}
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _ERRORS = {
+    "400": {"$ref": "#/components/responses/BadRequest"},
     "401": {"$ref": "#/components/responses/Unauthorized"},
     "429": {"$ref": "#/components/responses/TooManyRequests"},
     "503": {"$ref": "#/components/responses/Unavailable"},
@@ -51,7 +52,7 @@ def _error(description: str) -> dict[str, Any]:
 
 
 def _get(summary: str, ok: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    responses = {"200": ok, **extra.pop("responses", {}), **_ERRORS}
+    responses = {"200": ok, **_ERRORS, **extra.pop("responses", {})}
     return {"get": {"summary": summary, **extra, "responses": responses}}
 
 
@@ -161,14 +162,14 @@ DOCUMENT: dict[str, Any] = {
                     "schema": {"enum": ["stock", "etf", "crypto"]},
                 }
             ],
-            responses={"400": _error("An unknown asset class.")},
+            responses={"400": _error("An unknown asset class, or a bad parameter.")},
         ),
         "/v1/symbols/{symbol}/stats": _get(
             "What the warehouse holds of a symbol",
             _json(_ref("SymbolStats"), "Per loaded timeframe"),
             parameters=[_SYMBOL_PATH],
             responses={
-                "400": _error("Not a valid symbol."),
+                "400": _error("Not a valid symbol, or a parameter (it takes none)."),
                 "404": _error("The symbol is not registered."),
             },
         ),
@@ -191,18 +192,22 @@ DOCUMENT: dict[str, Any] = {
     "components": {
         "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
         "responses": {
+            "BadRequest": _error(
+                "An unknown or repeated parameter: an endpoint takes only "
+                "those it names, each once, and never the API key."
+            ),
             "Unauthorized": _error("Missing, unknown, revoked or deleted API key."),
             "TooManyRequests": {
                 **_error(
-                    "The key's rate limit is reached, the key has 2 streams open, or this "
-                    "address sent too many refused keys."
+                    "The key's rate limit is reached, it has 8 requests in progress or 2 "
+                    "streams open, or this address sent too many refused keys."
                 ),
                 "headers": _RETRY_AFTER,
             },
             "Unavailable": {
                 **_error(
                     "The warehouse is unreachable, or busy: every session is in use (then "
-                    "with Retry-After)."
+                    "with Retry-After); or the request could not be audited."
                 ),
                 "headers": _RETRY_AFTER,
             },
