@@ -122,6 +122,7 @@ def test_the_read_api_queries_read_the_continuous_aggregates(migrated: str) -> N
     are tested on PostgreSQL.)"""
     start, end = datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 3, tzinfo=UTC)
     with db.connection(migrated, autocommit=True) as conn:
+        refresh_aggregate(conn, Timeframe.MINUTE, start, end)  # the range refreshed: empty
         conn.execute(
             "INSERT INTO bars_minute VALUES "
             "('TSLA', '2024-01-02 14:30Z', 10, 12, 9, 11, 100, 10.5, 5), "
@@ -129,8 +130,8 @@ def test_the_read_api_queries_read_the_continuous_aggregates(migrated: str) -> N
         )
         conn.execute("INSERT INTO tracked_symbols (symbol, asset_class) VALUES ('TSLA', 'stock')")
         hourly = BarRange("TSLA", BarSize.HOURLY, start, end)
-        # Below the aggregate's refreshed range (the test above refreshed January 1-2), as a
-        # backfilled month is below the policy's: what a load refreshes after it commits.
+        # Below the aggregate's refreshed range, as a backfilled month is below the policy's:
+        # what a run refreshes after its loads.
         assert reading.json_page(conn, hourly, after=None, limit=10).bars == "[]"
         refresh_aggregate(conn, Timeframe.MINUTE, datetime(2024, 1, 2, 14, 30, tzinfo=UTC), end)
         page = json.loads(reading.json_page(conn, hourly, after=None, limit=10).bars)

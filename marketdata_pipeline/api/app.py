@@ -48,7 +48,10 @@ class _Unaudited(Exception):
     """A response could not be audited, so a 503 went out in its place."""
 
 
-def _unavailable(reason: DatabaseUnavailable | PoolBusy) -> JSONResponse:
+def _unavailable(reason: DatabaseUnavailable | PoolBusy | None) -> JSONResponse:
+    """503 for a warehouse unreachable or busy, or (None) a request that could not be audited."""
+    if reason is None:
+        return error(503, "the request could not be audited, so it is not answered; retry")
     busy = isinstance(reason, PoolBusy)
     return error(503, str(reason), {"Retry-After": str(BUSY_RETRY_SECONDS)} if busy else None)
 
@@ -60,8 +63,8 @@ class KeyGate:
     Each request is audited (and counted on its key) with its status as its response starts,
     so a client's next request already sees it in its usage; a response that cannot be
     audited is not sent, a 503 is. Keys are checked and requests audited on sessions of
-    their own, which slow queries cannot take. A client address refused too often is refused
-    without a lookup, for the rest of the window."""
+    their own, which slow queries cannot take. A client address refused too often gets 429
+    instead of 401 for the rest of the window."""
 
     def __init__(self, app: ASGIApp, warehouse: WarehousePool, rate_limit: RateLimitItem) -> None:
         self.app = app
@@ -89,8 +92,9 @@ class KeyGate:
                         await self.warehouse.run(
                             api_keys.record_use, key_id, endpoint, scope["method"], status
                         )
-                    except (DatabaseUnavailable, PoolBusy) as lost:
-                        await _unavailable(lost)(scope, receive, send)
+                    except (DatabaseUnavailable, PoolBusy, psycopg.Error) as lost:
+                        reason = lost if not isinstance(lost, psycopg.Error) else None
+                        await _unavailable(reason)(scope, receive, send)
                         raise _Unaudited from None
             await send(message)
 
@@ -100,7 +104,8 @@ class KeyGate:
         try:
             await (refusal or self.app)(scope, receive, send_audited)
         except _Unaudited:
-            log.warning("%s %s refused: it could not be audited", scope["method"], scope["path"])
+            path = api_keys.redact(scope["path"])
+            log.warning("%s %s refused: it could not be audited", scope["method"], path)
         finally:
             if accepted is not None:
                 self.in_progress[accepted] -= 1
@@ -108,19 +113,16 @@ class KeyGate:
     async def _check(self, scope: Scope) -> tuple[int | None, Response | None]:
         """The key id to audit the request against, and the refusal if it is refused; an
         accepted key goes into the request's state."""
-        client = f"client {scope['client'][0] if scope.get('client') else '-'}"
-        if not self.limiter.test(self.rate_limit, client):
-            return None, self._retry_later(client, "refused API keys from this address")
         presented = Headers(scope=scope).getlist("x-api-key")
         if len(presented) != 1 or not presented[0]:
-            self.limiter.hit(self.rate_limit, client)
             what = "one X-API-Key header" if len(presented) > 1 else "an X-API-Key header"
-            return None, error(401, f"missing API key: send {what}")
+            return None, self._refused(scope, f"missing API key: send {what}")
         try:
             key = await self.warehouse.run(api_keys.authenticate, presented[0])
         except api_keys.KeyRejected as rejected:
-            self.limiter.hit(self.rate_limit, client)
-            return rejected.key_id, error(401, "invalid API key: unknown, revoked or deleted")
+            return rejected.key_id, self._refused(
+                scope, "invalid API key: unknown, revoked or deleted"
+            )
         scope.setdefault("state", {})["api_key"] = key
         if not self.limiter.hit(self.rate_limit, str(key.id)):
             return key.id, self._retry_later(str(key.id), "this key")
@@ -131,6 +133,14 @@ class KeyGate:
                 {"Retry-After": str(BUSY_RETRY_SECONDS)},
             )
         return key.id, None
+
+    def _refused(self, scope: Scope, message: str) -> Response:
+        """401, or 429 for an address refused too often: a valid key from that address (all
+        local clients share one) is still accepted."""
+        client = f"client {scope['client'][0] if scope.get('client') else '-'}"
+        if not self.limiter.hit(self.rate_limit, client):
+            return self._retry_later(client, "refused API keys from this address")
+        return error(401, message, {"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
 
     def _retry_later(self, counted: str, what: str) -> Response:
         reset_at, _ = self.limiter.get_window_stats(self.rate_limit, counted)
@@ -280,7 +290,8 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
         if exc.status_code == 404:
             return error(404, f"no endpoint {request.url.path[:100]} (see {OPENAPI_PATH})")
         if exc.status_code == 405:
-            return error(405, f"{request.method} is not allowed: this API is read-only")
+            message = f"{request.method} is not allowed: this API is read-only"
+            return error(405, message, headers=exc.headers)
         return error(exc.status_code, exc.detail, headers=exc.headers)
 
     @asynccontextmanager

@@ -4,8 +4,9 @@ CSV, Arrow IPC or Parquet."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from marketdata_pipeline.api.http import ApiError, iso, query_parameters
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, WarehousePool
@@ -28,9 +29,12 @@ from marketdata_pipeline.registry.api_keys import ApiKey
 from marketdata_pipeline.warehouse import reading
 from marketdata_pipeline.warehouse.reading import BarRange, BarSize
 
+log = logging.getLogger(__name__)
+
 JSON_PAGE_DEFAULT = 5_000
 JSON_PAGE_MAX = 50_000
 STREAMS_PER_KEY = 2
+STALLED_SECONDS = 60  # a stream whose client reads nothing this long is ended
 _STREAM_CHUNK_BYTES = 1 << 20  # CSV leaves PostgreSQL a row at a time: sent a MiB at a time
 PARAMETERS = ("timeframe", "start", "end", "format", "limit", "after")
 
@@ -112,10 +116,10 @@ def _parse(conn: psycopg.Connection, request: Request) -> BarsRequest:
     if start >= end:
         raise ApiError(400, f"start {iso(start)} is not before end {iso(end)}")
     after = _moment("after", params["after"], midnight) if "after" in params else None
+    if fmt is not Format.JSON and ("after" in params or "limit" in params):
+        raise ApiError(400, f"limit and after page JSON only; format={fmt} streams the range")
     limit = JSON_PAGE_DEFAULT
     if "limit" in params:
-        if fmt is not Format.JSON:
-            raise ApiError(400, f"limit pages JSON only; format={fmt} streams the whole range")
         raw = params["limit"]
         if not (raw.isascii() and raw.isdigit()):
             raise ApiError(400, f"limit must be a whole number, got {raw[:40]!r}")
@@ -150,16 +154,16 @@ async def respond(request: Request, queries: WarehousePool, streams: Streams) ->
             headers={"Retry-After": str(BUSY_RETRY_SECONDS)},
         )
     # The slot is counted before waiting for a session, or simultaneous requests would all
-    # pass the check. The session is taken before the response starts: a stream that cannot
-    # have one is a 503, not a 200 with no body.
+    # pass the check. The session is taken, and the first chunk read, before the response
+    # starts: a stream that cannot have one, or whose query fails, is an error, not a 200.
     streams.open[key.id] += 1
     try:
-        conn = await anyio.to_thread.run_sync(streams.warehouse.acquire)
+        conn = await streams.warehouse.lease()
     except BaseException:
         streams.open[key.id] -= 1
         raise
     encode = {Format.CSV: _csv, Format.ARROW: _arrow, Format.PARQUET: _parquet}[asked.format]
-    return _LeasedStream(
+    stream = _LeasedStream(
         streams,
         key.id,
         conn,
@@ -167,6 +171,8 @@ async def respond(request: Request, queries: WarehousePool, streams: Streams) ->
         media_type=asked.format.media_type,
         headers={"Content-Disposition": f'attachment; filename="{_filename(asked)}"'},
     )
+    await stream.start()
+    return stream
 
 
 def _filename(asked: BarsRequest) -> str:
@@ -257,7 +263,8 @@ def _parquet(conn: psycopg.Connection, bars: BarRange) -> Generator[bytes]:
 
 class _LeasedStream(StreamingResponse):
     """A stream that owns a warehouse session and one of its key's stream slots, and gives
-    both back however it ends: finished, failed, or its client gone before the first byte."""
+    both back however it ends: finished, failed, its client gone before the first byte, or
+    its client reading nothing for STALLED_SECONDS."""
 
     def __init__(
         self,
@@ -267,21 +274,41 @@ class _LeasedStream(StreamingResponse):
         chunks: Generator[bytes],
         **kwargs: Any,
     ) -> None:
-        super().__init__(iterate_in_threadpool(chunks), **kwargs)
         self._lease = (streams, key_id, conn, chunks)  # its slot was counted when taken
+        self._first = b""
+        super().__init__(self._chunks(), **kwargs)
+
+    async def start(self) -> None:
+        """Read the first chunk: the query runs, or fails, before the response starts."""
+        chunks = self._lease[3]
+        try:
+            self._first = await anyio.to_thread.run_sync(next, chunks, b"")
+        except BaseException:
+            await self._end()
+            raise
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        yield self._first
+        async for chunk in iterate_in_threadpool(self._lease[3]):
+            yield chunk
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            streams, key_id, conn, chunks = self._lease
-            streams.open[key_id] -= 1
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._close, streams, conn, chunks)
+        async def send_or_give_up(message: Message) -> None:
+            with anyio.fail_after(STALLED_SECONDS):
+                await send(message)
 
-    @staticmethod
-    def _close(streams: Streams, conn: psycopg.Connection, chunks: Generator[bytes]) -> None:
         try:
-            chunks.close()  # a COPY cut short is ended, and the session left clean
+            await super().__call__(scope, receive, send_or_give_up)
+        except TimeoutError:
+            log.warning("a stream's client read nothing for %d s: stream ended", STALLED_SECONDS)
         finally:
-            streams.warehouse.release(conn)
+            await self._end()
+
+    async def _end(self) -> None:
+        streams, key_id, conn, chunks = self._lease
+        streams.open[key_id] -= 1
+        with anyio.CancelScope(shield=True):
+            try:  # a COPY cut short is ended, and the session left clean
+                await anyio.to_thread.run_sync(chunks.close)
+            finally:
+                await streams.warehouse.give_back(conn)

@@ -47,5 +47,7 @@ def serve_command(host: str, port: int, rate_limit: str | None) -> None:
     # Clients are whoever connects: no X-Forwarded-For is believed, even from loopback, where
     # it would let a client pick the address its refused keys are counted against.
     app = create_app(url, limit)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False))
-    server.run(sockets=[listening])
+    settings = uvicorn.Config(
+        app, log_level="warning", proxy_headers=False, timeout_graceful_shutdown=10
+    )  # open streams do not hold a shutdown up
+    uvicorn.Server(settings).run(sockets=[listening])

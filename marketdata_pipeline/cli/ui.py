@@ -108,8 +108,11 @@ def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> Non
     except KeyboardInterrupt:
         _stop(dagster)
     finally:
-        api.terminate()  # uvicorn shuts down on SIGTERM as on Ctrl-C
-        api.wait(timeout=30)
+        api.terminate()  # uvicorn shuts down on SIGTERM as on Ctrl-C, streams cut after 10 s
+        try:
+            api.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            api.kill()
         if server:
             server.shutdown()
         embedded.forget_ui()

@@ -10,6 +10,7 @@ from functools import cached_property
 
 import dagster as dg
 import polars as pl
+import psycopg
 from pydantic import Field
 
 from marketdata_pipeline.defs.checks import FRESHNESS, FRESHNESS_DESCRIPTION, freshness_result
@@ -31,6 +32,7 @@ from marketdata_pipeline.quality.coverage import (
     coverage,
     rejection_rate,
 )
+from marketdata_pipeline.warehouse.loading import refresh_aggregate
 
 # backfill_policy is marked beta; it is what turns a backfill into one run per symbol.
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
@@ -358,6 +360,18 @@ class _Run:
                 ]
             for symbols, outcomes in batches:
                 yield from self._ingest(symbols, plan, outcomes)
+            if windows:
+                self._refresh_aggregate(conn, windows)
+
+    def _refresh_aggregate(self, conn: psycopg.Connection, windows: list[Window]) -> None:
+        start, end = min(w.start for w in windows), max(w.end for w in windows)
+        try:
+            refresh_aggregate(conn, self.spec.timeframe, start, end)
+        except psycopg.Error as error:  # the bars are loaded: their aggregate lags, told here
+            self.context.log.warning(
+                f"the aggregate over {self.spec.name} was not refreshed for {start:%Y-%m-%d}.."
+                f"{end:%Y-%m-%d}; the next run over those days refreshes it: {error}"
+            )
 
     def _ingest(
         self,

@@ -148,9 +148,9 @@ def record_use(
     key's request is audited without a key; a revoked key's against it, uncounted)."""
     endpoint = redact(endpoint).replace("\x00", "\ufffd")  # a text column holds no NUL
     with conn.transaction():
-        conn.execute(
+        conn.execute(  # a key deleted since it was checked is audited without its id
             "INSERT INTO api_key_audit (key_id, endpoint, method, status_code) "
-            "VALUES (%s, %s, %s, %s)",
+            "VALUES ((SELECT id FROM api_keys WHERE id = %s), %s, %s, %s)",
             (key_id, endpoint, method.upper(), status_code),
         )
         if key_id is not None:
@@ -181,7 +181,8 @@ def audit(
         raise ConfigError(f"key id must be from 1 to {MAX_KEY_ID}, got {key_id}")
     rows = conn.execute(
         'SELECT id, key_id, endpoint, method, status_code, "timestamp" FROM api_key_audit '
-        "WHERE %s::bigint IS NULL OR key_id = %s ORDER BY id DESC LIMIT %s OFFSET %s",
+        'WHERE %s::bigint IS NULL OR key_id = %s ORDER BY "timestamp" DESC, id DESC '
+        "LIMIT %s OFFSET %s",
         (key_id, key_id, limit, offset),
     ).fetchall()
     return [AuditEntry(*row) for row in rows]

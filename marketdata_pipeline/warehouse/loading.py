@@ -148,7 +148,6 @@ def replace_window(
                 "AND month = %s",
                 (window.timeframe, symbol, window.month),
             ).fetchall()
-    refresh_aggregate(conn, window.timeframe, window.start, window.end)
     return LoadResult(bars.height, rejected.height, replaced, in_month, rejected_in_month)
 
 
@@ -158,7 +157,10 @@ def refresh_aggregate(
     """Bring the continuous aggregate over `timeframe`'s bars (bars_hourly over minutes,
     bars_weekly over days) up to date for the buckets of [start, end). Its policy refreshes
     only the latest days, and real-time aggregation only reads above the refreshed range, so
-    a backfilled month would stay out of it. Without TimescaleDB the aggregates are views."""
+    a backfilled month would stay out of it. Without TimescaleDB the aggregates are views.
+
+    A refresh recomputes every symbol's buckets of the range: once after a run's loads, not
+    after each window, or a backfill of many symbols would recompute each month as often."""
     autocommit = conn.autocommit
     conn.autocommit = True  # a refresh cannot run inside a transaction
     try:
