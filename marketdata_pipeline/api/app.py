@@ -23,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from marketdata_pipeline.api import bars, openapi
-from marketdata_pipeline.api.http import ApiError, iso, query_parameters
+from marketdata_pipeline.api.http import REQUESTS_PER_KEY, ApiError, iso, query_parameters
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, PoolBusy, WarehousePool
 from marketdata_pipeline.domain import AssetClass, InvalidSymbol
 from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable, NotFound
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 OPENAPI_PATH = "/v1/openapi.json"
 AUDIT_SHOWN = 20
-REQUESTS_PER_KEY = 8
 
 
 def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:

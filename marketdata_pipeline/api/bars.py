@@ -288,7 +288,9 @@ class _LeasedStream(StreamingResponse):
             raise
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        yield self._first
+        first, self._first = self._first, b""  # not held for the rest of the stream
+        yield first
+        del first
         async for chunk in iterate_in_threadpool(self._lease[3]):
             yield chunk
 

@@ -8,6 +8,8 @@ from starlette.requests import Request
 
 from marketdata_pipeline.registry.api_keys import redact
 
+REQUESTS_PER_KEY = 8  # in progress at once: one key cannot take every session
+
 
 class ApiError(Exception):
     """A request the API refuses: its status and one readable line."""

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from marketdata_pipeline.api.bars import JSON_PAGE_DEFAULT, JSON_PAGE_MAX, Format
+from marketdata_pipeline.api.bars import (
+    JSON_PAGE_DEFAULT,
+    JSON_PAGE_MAX,
+    STALLED_SECONDS,
+    STREAMS_PER_KEY,
+    Format,
+)
+from marketdata_pipeline.api.http import REQUESTS_PER_KEY
 from marketdata_pipeline.warehouse.reading import BarSize
 
 
@@ -63,6 +70,7 @@ _SYMBOL_PATH = {
     "schema": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9.]{0,11}$"},
     "description": "A registered symbol; crypto by its base currency (BTC).",
 }
+_BACKFILL_STATUS = {"enum": ["pending", "in_progress", "completed", "failed", "unavailable"]}
 _WINDOWS = {
     "windows_loaded": {"type": "integer"},
     "windows_beyond_plan": {"type": "integer"},
@@ -89,8 +97,9 @@ DOCUMENT: dict[str, Any] = {
             {
                 "description": "The bars that overlap [start, end), oldest first: a JSON page, "
                 "or the whole range streamed as CSV (times `2024-01-02 14:30:00+00`), Arrow "
-                "IPC (stream format) or Parquet. `ts` is the bar's start, in UTC. A key may "
-                "have 2 streams open at a time.",
+                f"IPC (stream format) or Parquet. `ts` is the bar's start, in UTC. A key may "
+                f"have {STREAMS_PER_KEY} streams open at a time; a stream whose client reads "
+                f"nothing for {STALLED_SECONDS} s is cut.",
                 "content": {
                     Format.JSON.media_type: {"schema": _ref("BarsPage")},
                     Format.CSV.media_type: {"schema": {"type": "string"}},
@@ -153,7 +162,7 @@ DOCUMENT: dict[str, Any] = {
             },
         ),
         "/v1/symbols": _get(
-            "The registered symbols with their backfill status",
+            "The active symbols with their backfill status",
             _json(_object({"symbols": {"type": "array", "items": _ref("Symbol")}}), "Symbols"),
             parameters=[
                 {
@@ -178,7 +187,8 @@ DOCUMENT: dict[str, Any] = {
             _json(_ref("Health"), "Reachable"),
         ),
         "/v1/usage": _get(
-            "The calling key's own usage (counts before this request)",
+            "The calling key's own usage: requests before this one; the rate limit left "
+            "counts this one",
             _json(_ref("Usage"), "The key"),
         ),
         "/v1/openapi.json": {
@@ -199,8 +209,9 @@ DOCUMENT: dict[str, Any] = {
             "Unauthorized": _error("Missing, unknown, revoked or deleted API key."),
             "TooManyRequests": {
                 **_error(
-                    "The key's rate limit is reached, it has 8 requests in progress or 2 "
-                    "streams open, or this address sent too many refused keys."
+                    f"The key's rate limit is reached, it has {REQUESTS_PER_KEY} requests in "
+                    f"progress or {STREAMS_PER_KEY} streams open, or (instead of 401) this "
+                    "address sent too many refused keys."
                 ),
                 "headers": _RETRY_AFTER,
             },
@@ -241,9 +252,7 @@ DOCUMENT: dict[str, Any] = {
                 {
                     "symbol": {"type": "string"},
                     "asset_class": {"enum": ["stock", "etf", "crypto"]},
-                    "backfill_status": {
-                        "enum": ["pending", "in_progress", "completed", "failed", "unavailable"]
-                    },
+                    "backfill_status": _BACKFILL_STATUS,
                     "backfill_error": {"type": ["string", "null"]},
                     "last_backfill": _TIME_OR_NULL,
                     **_WINDOWS,
@@ -272,7 +281,7 @@ DOCUMENT: dict[str, Any] = {
                     "symbol": {"type": "string"},
                     "asset_class": {"enum": ["stock", "etf", "crypto"]},
                     "active": {"type": "boolean"},
-                    "backfill_status": {"type": "string"},
+                    "backfill_status": _BACKFILL_STATUS,
                     **_WINDOWS,
                     "timeframes": _object(
                         {"minute": _ref("TimeframeStats"), "daily": _ref("TimeframeStats")}

@@ -1,8 +1,10 @@
-"""PostgreSQL binary COPY of bars, both ways, vectorized with numpy: no per-row Python.
+"""PostgreSQL binary COPY of bars, both ways, vectorized with numpy.
 
 Writing: rows are fixed-width records grouped by which nullable columns are null, so each
-group is one numpy structured array turned into bytes at once. The symbol is the same in
-every row, so its text field has a fixed width too. Reading: see FIXED_WIDTH_SELECT.
+group is one numpy structured array turned into bytes at once: no per-row Python. The symbol
+is the same in every row, so its text field has a fixed width too. Reading: see
+FIXED_WIDTH_SELECT; PostgreSQL sends a message per row, which is gathered, then decoded a
+block at a time.
 """
 
 from __future__ import annotations
@@ -130,6 +132,11 @@ def _records_of(buffer: bytes) -> np.ndarray:
     records = np.frombuffer(buffer, dtype=_FIXED_RECORD)
     if not (records["count"] == _FIELDS).all():
         raise MalformedCopy(f"binary COPY record without {_FIELDS} fields")
+    for field in _FIXED_RECORD.names or ():  # a NULL (-1) or another type shifts the rest
+        if field.endswith("_len"):
+            value = field.removesuffix("_len")
+            if not (records[field] == _FIXED_RECORD[value].itemsize).all():
+                raise MalformedCopy(f"binary COPY field {value} is not {_FIXED_RECORD[value]}")
     return records
 
 
