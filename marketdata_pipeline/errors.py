@@ -1,6 +1,12 @@
 """Errors that reach an operator: each message is one readable line and holds no secret."""
 
 
+def first_line(text: str | None, default: str) -> str:
+    """The first line of a message, at most 500 characters, or `default` when it is empty."""
+    lines = (text or "").strip().splitlines()
+    return lines[0][:500] if lines else default
+
+
 class MarketdataError(Exception):
     """Base class for errors the CLI prints as one line and exits non-zero on."""
 

@@ -154,11 +154,11 @@ class KeyGate:
         return self.limiter.get_window_stats(self.rate_limit, str(key.id))[1]
 
 
-def _windows(counts: WindowCounts) -> dict[str, int]:
+def _windows(counts: WindowCounts, expected: int) -> dict[str, int]:
     return {
         "windows_loaded": counts.loaded,
         "windows_beyond_plan": counts.unavailable,
-        "windows_expected": backfill_state.expected_windows(),
+        "windows_expected": expected,
     }
 
 
@@ -217,13 +217,14 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
             return tracked, backfill_state.window_counts(conn)
 
         tracked, counts = await warehouse.run(read)
+        expected = backfill_state.expected_windows()
         return JSONResponse(
             {
                 "symbols": [
                     {"symbol": t.symbol, "asset_class": t.asset_class,
                      "backfill_status": t.backfill_status, "backfill_error": t.backfill_error,
                      "last_backfill": iso(t.last_backfill),
-                     **_windows(counts.get(t.symbol, WindowCounts()))}
+                     **_windows(counts.get(t.symbol, WindowCounts()), expected)}
                     for t in tracked
                 ]
             }
@@ -234,7 +235,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
 
         def read(conn: psycopg.Connection) -> tuple:
             tracked, per_timeframe = stats(conn, request.path_params["symbol"])
-            counts = backfill_state.window_counts(conn).get(tracked.symbol, WindowCounts())
+            counts = backfill_state.window_counts_of(conn, tracked.symbol)
             return tracked, per_timeframe, counts
 
         tracked, per_timeframe, counts = await warehouse.run(read)
@@ -244,7 +245,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
                 "asset_class": tracked.asset_class,
                 "active": tracked.active,
                 "backfill_status": tracked.backfill_status,
-                **_windows(counts),
+                **_windows(counts, backfill_state.expected_windows()),
                 "timeframes": {
                     s.timeframe.value: {
                         "bars": s.bars,

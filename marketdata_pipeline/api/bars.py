@@ -100,8 +100,7 @@ class BarsRequest:
     after: datetime | None
 
 
-def _parse(conn: psycopg.Connection, request: Request) -> BarsRequest:
-    params = query_parameters(request, PARAMETERS)
+def _parse(conn: psycopg.Connection, request: Request, params: dict[str, str]) -> BarsRequest:
     size = BarSize(_choice(params, "timeframe", BarSize, "daily"))
     fmt = Format(_choice(params, "format", Format, "json"))
     tracked = symbols.get(conn, request.path_params["symbol"])  # InvalidSymbol, NotFound
@@ -143,9 +142,10 @@ class Streams:
 
 
 async def respond(request: Request, queries: WarehousePool, streams: Streams) -> Response:
-    if _choice(query_parameters(request, PARAMETERS), "format", Format, "json") == Format.JSON:
-        return await queries.run(_json_page, request)
-    asked = await queries.run(_parse, request)
+    params = query_parameters(request, PARAMETERS)
+    if _choice(params, "format", Format, "json") == Format.JSON:
+        return await queries.run(_json_page, request, params)
+    asked = await queries.run(_parse, request, params)
     key: ApiKey = request.state.api_key
     if streams.open[key.id] >= STREAMS_PER_KEY:
         raise ApiError(
@@ -182,12 +182,12 @@ def _filename(asked: BarsRequest) -> str:
     return f"{b.symbol}_{b.size}_{span}.{extension[asked.format]}"
 
 
-def _json_page(conn: psycopg.Connection, request: Request) -> Response:
-    asked = _parse(conn, request)
+def _json_page(conn: psycopg.Connection, request: Request, params: dict[str, str]) -> Response:
+    asked = _parse(conn, request, params)
     page = reading.json_page(conn, asked.bars, after=asked.after, limit=asked.limit)
     following = None
     if page.last:  # a path and query of the known parameters: not the Host a client sent
-        query = {**query_parameters(request, PARAMETERS), "after": page.last.isoformat()}
+        query = {**params, "after": page.last.isoformat()}
         following = f"{request.url.path}?{urlencode(query)}"
     head = {
         "symbol": asked.bars.symbol,

@@ -16,7 +16,7 @@ from marketdata_pipeline.cli.stats import stats_command
 from marketdata_pipeline.cli.symbols import symbols_group
 from marketdata_pipeline.cli.ui import ui_command
 from marketdata_pipeline.domain import InvalidSymbol
-from marketdata_pipeline.errors import MarketdataError
+from marketdata_pipeline.errors import MarketdataError, first_line
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,11 +42,6 @@ for command in (
     cli.add_command(command)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="marketdata", standalone_mode=False)
@@ -70,13 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"marketdata: error: {error}", err=True)
         sys.exit(1)
     except psycopg.errors.UndefinedTable as error:
+        reason = first_line(str(error), type(error).__name__)
         click.echo(
-            f"marketdata: error: the warehouse is not set up ({_first_line(error)}): run "
+            f"marketdata: error: the warehouse is not set up ({reason}): run "
             "`marketdata bootstrap`",
             err=True,
         )
         sys.exit(1)
     except psycopg.Error as error:
-        click.echo(f"marketdata: database error: {_first_line(error)}", err=True)
+        reason = first_line(str(error), type(error).__name__)
+        click.echo(f"marketdata: database error: {reason}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -8,7 +8,6 @@ import click
 
 from marketdata_pipeline.cli.common import table, warehouse, when
 from marketdata_pipeline.registry import backfill_state
-from marketdata_pipeline.registry.backfill_state import WindowCounts
 from marketdata_pipeline.registry.stats import stats
 
 
@@ -18,7 +17,7 @@ def stats_command(symbol: str) -> None:
     """Bars per timeframe, first and last bar, validation rate and calendar gaps of SYMBOL."""
     with warehouse() as conn:
         tracked, per_timeframe = stats(conn, symbol)
-        counts = backfill_state.window_counts(conn).get(tracked.symbol, WindowCounts())
+        counts = backfill_state.window_counts_of(conn, tracked.symbol)
     click.echo(
         f"{tracked.symbol} ({tracked.asset_class}), backfill {tracked.backfill_status} "
         f"({counts.of(backfill_state.expected_windows())} month windows loaded)"

@@ -58,7 +58,7 @@ def symbols_show(symbol: str) -> None:
     with warehouse() as conn:
         tracked = symbols.get(conn, symbol)
         windows = backfill_state.windows(conn, tracked.symbol)
-        counts = backfill_state.window_counts(conn).get(tracked.symbol, WindowCounts())
+        counts = backfill_state.window_counts_of(conn, tracked.symbol)
     click.echo(
         f"{tracked.symbol} ({tracked.asset_class}), {'active' if tracked.active else 'removed'}, "
         f"added {when(tracked.date_added)}, backfill {tracked.backfill_status} "

@@ -15,6 +15,7 @@ from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS
 from marketdata_pipeline.defs.checks import FRESHNESS
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.defs.sensors import run_status_events
+from marketdata_pipeline.errors import first_line
 
 BARS_ASSET_KEYS = frozenset(dg.AssetKey(spec.name) for spec in ALL_BARS_ASSETS)
 FINISHED_RUN_EVENTS: tuple[
@@ -63,15 +64,10 @@ def _partitions(run: dg.DagsterRun) -> str:
     return f", partitions {start} to {end}" if start and end else ""
 
 
-def _first_line(text: str | None, default: str) -> str:
-    lines = (text or "").strip().splitlines()
-    return lines[0][:500] if lines else default
-
-
 def _error_text(message: str, class_name: str | None) -> str:
     """An error's first line without the module path of its class; a dg.Failure's own
     description without its class name (it is the text written for the operator)."""
-    line = _first_line(message, class_name or "error")
+    line = first_line(message, class_name or "error")
     head, separator, rest = line.partition(": ")
     if separator and head.rsplit(".", 1)[-1] == class_name:
         return rest if class_name == "Failure" else f"{class_name}: {rest}"
@@ -103,7 +99,7 @@ def failed_bars_run_alerts(context: dg.RunFailureSensorContext) -> dg.SkipReason
     reason = (
         _error_text(error.message, error.cls_name)
         if error
-        else _first_line(context.failure_event.message, "the run failed")
+        else first_line(context.failure_event.message, "the run failed")
     )
     alert = Alert(
         AlertKind.FAILED_RUN,
@@ -238,9 +234,7 @@ def warehouse_alerts(
     # Whatever stops the connection (server down, bad credentials, a bad DATABASE_URL, the
     # embedded server not starting) means the pipeline cannot reach its warehouse.
     except Exception as error:
-        problem = alerts.redact(
-            _first_line(str(error), type(error).__name__), _database_passwords()
-        )
+        problem = alerts.redact(first_line(str(error), type(error).__name__), _database_passwords())
     if problem is None and down_since is None:
         context.update_cursor(json.dumps({}))
         return dg.SkipReason("warehouse reachable")

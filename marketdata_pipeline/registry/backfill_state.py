@@ -6,7 +6,7 @@ older event never overwrites what a newer run wrote for the same window.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -123,12 +123,22 @@ class WindowCounts:
         return f"{self.loaded}/{expected}{beyond}"
 
 
-def window_counts(conn: psycopg.Connection) -> dict[str, WindowCounts]:
+def window_counts(
+    conn: psycopg.Connection, symbols: Sequence[str] | None = None
+) -> dict[str, WindowCounts]:
+    """Each symbol's window counts: every symbol's, or those of `symbols`."""
     rows = conn.execute(
         "SELECT symbol, count(*) FILTER (WHERE status = 'completed'), "
-        "count(*) FILTER (WHERE status = 'unavailable') FROM backfill_state GROUP BY symbol"
+        "count(*) FILTER (WHERE status = 'unavailable') FROM backfill_state "
+        "WHERE %(all)s OR symbol = ANY(%(symbols)s) GROUP BY symbol",
+        {"all": symbols is None, "symbols": list(symbols or ())},
     ).fetchall()
     return {symbol: WindowCounts(loaded, unavailable) for symbol, loaded, unavailable in rows}
+
+
+def window_counts_of(conn: psycopg.Connection, symbol: str) -> WindowCounts:
+    """One symbol's window counts, read from its rows alone."""
+    return window_counts(conn, [symbol]).get(symbol, WindowCounts())
 
 
 def windows(conn: psycopg.Connection, symbol: str) -> list[WindowState]:

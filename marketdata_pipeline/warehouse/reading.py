@@ -148,17 +148,16 @@ def arrow_batches(
 def latest_bars(conn: psycopg.Connection) -> dict[str, dict[str, datetime | None]]:
     """Per asset class and loaded bar size, the start of the newest bar of an active symbol.
     One index probe per symbol, not a scan of the bars."""
-    latest: dict[str, dict[str, datetime | None]] = {}
-    for asset_class in AssetClass:
-        latest[asset_class] = {}
-        for size in (BarSize.MINUTE, BarSize.DAILY):
-            row = conn.execute(
-                sql.SQL(
-                    "SELECT max(newest.ts) FROM tracked_symbols t CROSS JOIN LATERAL "
-                    "(SELECT max(ts) AS ts FROM {} WHERE symbol = t.symbol) newest "
-                    "WHERE t.active AND t.asset_class = %s"
-                ).format(sql.Identifier(size.relation)),
-                (asset_class,),
-            ).fetchone()
-            latest[asset_class][size] = row[0] if row else None
+    sizes = (BarSize.MINUTE, BarSize.DAILY)
+    latest: dict[str, dict[str, datetime | None]] = {c: dict.fromkeys(sizes) for c in AssetClass}
+    for size in sizes:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT t.asset_class, max(newest.ts) FROM tracked_symbols t CROSS JOIN LATERAL "
+                "(SELECT max(ts) AS ts FROM {} WHERE symbol = t.symbol) newest "
+                "WHERE t.active GROUP BY t.asset_class"
+            ).format(sql.Identifier(size.relation))
+        ).fetchall()
+        for asset_class, newest in rows:
+            latest[asset_class][size] = newest
     return latest
