@@ -25,13 +25,14 @@ import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import TypeVar
 
 import polars as pl
 import psycopg
 from psycopg import sql
 
+from marketdata_pipeline import clock
 from marketdata_pipeline.domain import (
     Market,
     Timeframe,
@@ -224,7 +225,7 @@ def ingest_grouped(
     }
     received: dict[Window, list[pl.DataFrame]] = collections.defaultdict(list)
     request_ids: dict[date, str] = {}
-    fetched_at = datetime.now(UTC)
+    fetched_at = clock.now()
     for day in _grouped_days(windows):
         page = client.grouped_daily(market, day, symbol_of)
         request_ids[day], fetched_at = page.request_id, page.received_at or fetched_at
@@ -292,10 +293,10 @@ def _stream(client: PolygonClient, ticker: str, windows: list[Window]) -> Iterat
     )
     parts = [_Gathered() for _ in windows]
     ends = pl.Series([w.end for w in windows[:-1]], dtype=pl.Datetime("ms", "UTC"))
-    done, late, fetched_at = 0, set(), datetime.now(UTC)
+    done, late, fetched_at = 0, set(), clock.now()
     last_request_id: str | None = None
     for page in pages:
-        fetched_at, last_request_id = page.received_at or datetime.now(UTC), page.request_id
+        fetched_at, last_request_id = page.received_at or clock.now(), page.request_id
         frame = page.frame
         if frame.height:
             # Bars before the first month go to it, after the last to the last (validation

@@ -15,9 +15,10 @@ import polars as pl
 import psycopg
 import pytest
 
+from marketdata_pipeline import clock
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, BarsAsset, bars_assets
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
-from marketdata_pipeline.defs.schedules import stock_bars_after_close
+from marketdata_pipeline.defs.schedules import crypto_bars_daily, stock_bars_after_close
 from marketdata_pipeline.defs.sensors import backfill_status_sensor
 from marketdata_pipeline.domain import Market, Timeframe, Window
 from marketdata_pipeline.pipeline import ingest_grouped
@@ -244,3 +245,61 @@ def test_grouped_days_asked_for_one_symbol_are_not_anothers_rejects(
         assert got.equals(want), window.symbol
     [(rejected,)] = migrated_conn.execute("SELECT count(*) FROM bars_rejected").fetchall()
     assert rejected == 0
+
+
+FIRST_SESSION_NIGHTS = [
+    # The schedule's tick on the evening a month's first session ends, and a time the
+    # month before was loaded whole (the previous night).
+    (
+        Market.STOCK,
+        datetime(2026, 12, 1, 20, 30, tzinfo=Market.STOCK.zone),
+        datetime(2026, 11, 30, 21, 0, tzinfo=Market.STOCK.zone),
+    ),
+    (
+        Market.CRYPTO,
+        datetime(2026, 12, 2, 0, 30, tzinfo=UTC),
+        datetime(2026, 12, 1, 0, 30, tzinfo=UTC),
+    ),
+]
+
+
+@pytest.mark.parametrize(("market", "tick", "night_before"), FIRST_SESSION_NIGHTS, ids=str)
+def test_the_night_of_a_months_first_session_loads_and_passes(
+    warehouse_url: str,
+    sim: Simulator,
+    server: SimulatorHTTPServer,
+    market: Market,
+    tick: datetime,
+    night_before: datetime,
+) -> None:
+    """The new month's window holds one day, the one just complete: it loads, its coverage
+    counts that day, and every check passes."""
+    symbols = ["AAPL", "MSFT"] if market is Market.STOCK else ["BTC", "ETH"]
+    schedule = stock_bars_after_close if market is Market.STOCK else crypto_bars_daily
+    with dg.instance_for_test() as instance, clock.pinned(tick):
+        instance.add_dynamic_partitions(market.symbol_dimension, symbols)
+        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
+        requests = schedule(context)
+        assert isinstance(requests, list) and len(requests) == 2
+        with clock.pinned(night_before):
+            sim.now = night_before
+            for request in requests:
+                whole = dg.RunRequest(asset_selection=request.asset_selection, tags=request.tags)
+                assert run(instance, server, whole).success
+        sim.now = tick
+        for request in requests:
+            result = run(instance, server, request)
+            assert result.success, request.asset_selection
+            checks = result.get_asset_check_evaluations()
+            assert checks and all(c.passed for c in checks), [
+                (c.check_name, c.metadata) for c in checks if not c.passed
+            ]
+            first_day = [
+                m.materialization.metadata
+                for m in result.get_asset_materialization_events()
+                if str(m.partition).startswith("2026-12-01|")
+            ]
+            assert len(first_day) == len(symbols)
+            if "minute" in str(request.asset_selection):
+                # Regular hours of Dec 1 are expected and (nearly) all there.
+                assert all(float(md["coverage"].value) > 0.9 for md in first_day)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ import functools
 import warnings
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from functools import cached_property
 
 import dagster as dg
@@ -13,6 +13,7 @@ import polars as pl
 import psycopg
 from pydantic import Field
 
+from marketdata_pipeline import clock
 from marketdata_pipeline.defs.checks import FRESHNESS, FRESHNESS_DESCRIPTION, freshness_result
 from marketdata_pipeline.defs.partitions import bars_partitions, month_and_symbol, partition_key
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
@@ -290,7 +291,7 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
                     yield result
         if spec.freshness_check_key in context.selected_asset_check_keys:
             with warehouse.connection() as conn:
-                now = datetime.now(UTC)
+                now = clock.now()
                 yield freshness_result(conn, spec.key, spec.market, spec.timeframe, now)
         if run:
             run.raise_failures()
@@ -335,7 +336,7 @@ class _Run:
             warehouse.connection(autocommit=True) as conn,
         ):
             if self.config.new_days_only:
-                through = last_complete_session(spec.market, datetime.now(UTC))
+                through = last_complete_session(spec.market, clock.now())
                 plan = new_days(conn, spec.market, spec.timeframe, months, through)
                 yield from self._up_to_date(months, plan, through)
             else:

@@ -7,7 +7,7 @@ from typing import Literal
 import dagster as dg
 import psycopg
 
-from marketdata_pipeline import config
+from marketdata_pipeline import clock, config
 from marketdata_pipeline.defs.assets import (
     ALL_BARS_ASSETS,
     FAILED,
@@ -114,7 +114,7 @@ def symbol_registry_sensor(
         run
         for market, symbols in added.items()
         for symbol in symbols
-        for run in history_backfill(market, symbol, datetime.now(UTC))
+        for run in history_backfill(market, symbol, clock.now())
     ]
     if adds or deletes:
         context.log.info(

@@ -4,10 +4,10 @@ revision sensor re-fetches every month loaded under the old adjustment, one rang
 symbol and bars asset."""
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import dagster as dg
 
+from marketdata_pipeline import clock
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, GROUP, OWNERS, STOCK_SPLITS
 from marketdata_pipeline.defs.partitions import SYMBOL_PARTITIONS
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
@@ -144,7 +144,7 @@ def split_revision_sensor(
             # One run per change and day: a failed revision is asked again the next day.
             run_key=(
                 f"revision|{group.symbol}|{group.timeframe}|{group.since:%Y%m%dT%H%M%S}"
-                f"|{datetime.now(UTC):%Y-%m-%d}"
+                f"|{clock.now():%Y-%m-%d}"
             ),
             trigger="split revision",
             revision=f"{group.symbol} {group.why}",

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pandera.polars as pa
 import polars as pl
 from pandera.errors import SchemaErrors
 
+from marketdata_pipeline import clock
 from marketdata_pipeline.domain import BAR_SCHEMA, Market, Timeframe, Window
 
 PRICES = ("open", "high", "low", "close")
@@ -170,7 +171,7 @@ def validate_symbols(
     with a `symbol` column: one pass of the rules for all, since Pandera's cost per pass
     (about 40 ms) outweighs a few bars of each symbol."""
     window = windows[0]
-    fetched_at = fetched_at or datetime.now(UTC)
+    fetched_at = fetched_at or clock.now()
     defects = frame["defects"] if "defects" in frame.columns else None
     numbered = frame.select("symbol", *BAR_SCHEMA.names()).with_row_index(_ROW)
     reasons = _failures(hard_schema(window.start, window.end, fetched_at), numbered)

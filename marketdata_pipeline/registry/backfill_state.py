@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 
 import psycopg
 
-from marketdata_pipeline import config
+from marketdata_pipeline import clock, config
 from marketdata_pipeline.domain import Timeframe
 
 
@@ -78,7 +78,7 @@ WHERE t.symbol = r.symbol
 def expected_windows(today: date | None = None) -> int:
     """The windows of a symbol's whole history: every month from MARKETDATA_HISTORY_START to
     this one (the partitions' months), for each timeframe."""
-    today = today or datetime.now(UTC).date()
+    today = today or clock.now().date()
     start = config.history_start()
     months = (today.year - start.year) * 12 + today.month - start.month + 1
     return max(months, 0) * len(Timeframe)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 
 import psycopg
 from psycopg import sql
@@ -52,7 +52,7 @@ def stats(conn: psycopg.Connection, symbol: str) -> tuple[TrackedSymbol, list[Ti
         missing: list[date] | None = None
         if per_day:
             first_day, last_day = min(per_day), max(per_day)
-            expected = expected_days(market, first_day, last_day, last_day + timedelta(days=1))
+            expected = expected_days(market, first_day, last_day, last_day)
             missing = [d for d in expected if d not in per_day]
         result.append(
             TimeframeStats(
