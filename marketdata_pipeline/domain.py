@@ -160,6 +160,17 @@ def contiguous_runs(windows: Iterable[Window]) -> list[list[Window]]:
     return runs
 
 
+def consecutive_months(months: Iterable[date]) -> list[list[date]]:
+    """Months as runs of consecutive months: [Jan, Feb, Apr] -> [[Jan, Feb], [Apr]]."""
+    runs: list[list[date]] = []
+    for month in sorted(months):
+        if runs and next_month(runs[-1][-1]) == month:
+            runs[-1].append(month)
+        else:
+            runs.append([month])
+    return runs
+
+
 @dataclass(frozen=True)
 class Window:
     """The bars of one symbol over whole days of one month of its market: the month (what a

@@ -53,10 +53,18 @@ def instance() -> Iterator[dg.DagsterInstance]:
         yield test_instance
 
 
+CURSORS: dict[int, str | None] = {}
+
+
 def sync(instance: dg.DagsterInstance) -> dg.SensorResult:
-    """Evaluate the registry sensor and apply its partition requests, as the daemon does."""
-    result = symbol_registry_sensor(dg.build_sensor_context(instance=instance, resources=RESOURCES))
+    """Evaluate the registry sensor and apply its partition requests and cursor, as the
+    daemon does."""
+    context = dg.build_sensor_context(
+        instance=instance, resources=RESOURCES, cursor=CURSORS.get(id(instance))
+    )
+    result = symbol_registry_sensor(context)
     assert isinstance(result, dg.SensorResult)
+    CURSORS[id(instance)] = result.cursor
     for request in result.dynamic_partitions_requests or []:
         if isinstance(request, dg.AddDynamicPartitionsRequest):
             instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
@@ -70,12 +78,16 @@ def test_registry_sensor_adds_removes_and_backfills_new_symbols(url, instance) -
     first = sync(instance)
     assert len(instance.get_dynamic_partitions("stock_symbols")) == 17
     assert sorted(instance.get_dynamic_partitions("crypto_symbols")) == ["BTC", "ETH", "SOL"]
-    assert len(first.run_requests or []) == 20 * 2  # history of daily and minute bars per symbol
-    # Each new stock symbol's splits partition is materialized as it is registered, before
-    # any of its bars: they start fresh, not stale against it.
-    registered = [e for e in first.asset_events if isinstance(e, dg.AssetMaterialization)]
-    assert len(registered) == 17
-    assert {e.asset_key.to_user_string() for e in registered} == {"stock_splits"}
+    runs = first.run_requests or []
+    history = [r for r in runs if r.job_name != "stock_splits_refresh"]
+    assert len(history) == 20 * 2  # history of daily and minute bars per symbol
+    # The new stock symbols' splits are fetched by one run over them: nothing is told
+    # materialized before a fetch.
+    [splits] = [r for r in runs if r.job_name == "stock_splits_refresh"]
+    stock = instance.get_dynamic_partitions("stock_symbols")
+    assert splits.tags["dagster/asset_partition_range_start"] == stock[0]
+    assert splits.tags["dagster/asset_partition_range_end"] == stock[-1]
+    assert not first.asset_events
 
     again = sync(instance)
     assert not again.run_requests and not again.dynamic_partitions_requests

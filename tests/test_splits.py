@@ -111,6 +111,15 @@ def stale_in_the_ui(
     return node["staleStatusByPartition"], causes
 
 
+def a_bar_in(conn: psycopg.Connection, table: str, symbol: str, month: str) -> None:
+    """One bar at noon New York on the month's first day: the month holds bars."""
+    conn.execute(
+        f"INSERT INTO {table} (symbol, ts, open, high, low, close, volume) VALUES "
+        "(%s, (%s::date + time '12:00') AT TIME ZONE 'America/New_York', 1, 1, 1, 1, 1)",
+        (symbol, month),
+    )
+
+
 @pytest.fixture
 def instance() -> Iterator[dg.DagsterInstance]:
     with dg.instance_for_test() as test_instance:
@@ -170,12 +179,19 @@ def test_a_splits_answer_that_breaks_the_spec_fails_the_fetch(record: dict, mess
 
 def test_a_month_is_stale_after_a_split_change_takes_effect(migrated_url: str) -> None:
     with db.connection(migrated_url, autocommit=True) as conn:  # each change its own moment
-        conn.execute(
-            "INSERT INTO loaded_months VALUES ('daily', 'AAPL', '2024-01-01', now()), "
-            "('minute', 'AAPL', '2024-01-01', now()), ('daily', 'MSFT', '2024-01-01', now())"
-        )
         replace_splits(conn, "AAPL", [])
         replace_splits(conn, "MSFT", [])
+        conn.execute(
+            "INSERT INTO loaded_months VALUES ('daily', 'AAPL', '2024-01-01', now()), "
+            "('minute', 'AAPL', '2024-01-01', now()), ('daily', 'MSFT', '2024-01-01', now()), "
+            "('daily', 'AAPL', '2024-02-01', now())"  # loaded, but without bars
+        )
+        for table, symbol in [
+            ("bars_daily", "AAPL"),
+            ("bars_minute", "AAPL"),
+            ("bars_daily", "MSFT"),
+        ]:
+            a_bar_in(conn, table, symbol, "2024-01-01")
         assert stale_months(conn, ["AAPL", "MSFT"]) == []
         announced = Split("AAPL", date(2099, 1, 2), 1, 4, "e1")  # not executed yet
         replace_splits(conn, "AAPL", [announced])
@@ -183,10 +199,60 @@ def test_a_month_is_stale_after_a_split_change_takes_effect(migrated_url: str) -
         replace_splits(conn, "AAPL", [announced, Split("AAPL", SPLIT_DAY, 1, 4, "e2")])
         stale = stale_months(conn, ["AAPL", "MSFT"])
     assert [(s.symbol, s.timeframe, s.months) for s in stale] == [
-        ("AAPL", Timeframe.DAILY, [date(2024, 1, 1)]),
+        ("AAPL", Timeframe.DAILY, [date(2024, 1, 1)]),  # February holds nothing to adjust
         ("AAPL", Timeframe.MINUTE, [date(2024, 1, 1)]),
     ]
     assert stale[0].why == "4:1 split on 2024-06-03"
+
+
+def test_months_loaded_before_a_symbols_first_splits_fetch_are_stale_if_it_lists_a_split(
+    migrated_url: str,
+) -> None:
+    """The provider may list a split days after it executed: a month loaded before the fetch
+    that first lists it may lack it, whatever the order of loads and first fetch."""
+    with db.connection(migrated_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO loaded_months VALUES ('daily', 'AAPL', '2024-07-01', now()), "
+            "('daily', 'MSFT', '2024-07-01', now())"
+        )
+        a_bar_in(conn, "bars_daily", "AAPL", "2024-07-01")
+        a_bar_in(conn, "bars_daily", "MSFT", "2024-07-01")
+        # First fetches after the loads: AAPL lists a split executed before them.
+        replace_splits(conn, "AAPL", [Split("AAPL", SPLIT_DAY, 1, 4, "e1")])
+        replace_splits(conn, "MSFT", [])
+        stale = stale_months(conn, ["AAPL", "MSFT"])
+        assert [(s.symbol, s.months) for s in stale] == [("AAPL", [date(2024, 7, 1)])]
+        # Loaded again after the fetch: it holds the split now.
+        conn.execute("UPDATE loaded_months SET loaded_at = now() WHERE symbol = 'AAPL'")
+        assert stale_months(conn, ["AAPL", "MSFT"]) == []
+
+
+def test_a_revision_fetches_exactly_the_stale_months_with_bars_in_consecutive_streams(
+    warehouse_url: str, server: SimulatorHTTPServer, instance: dg.DagsterInstance
+) -> None:
+    loaded = ["2024-01-01", "2024-02-01", "2024-05-01", "2024-06-01", "2024-07-01"]
+    with db.connection(warehouse_url) as conn:
+        bootstrap(conn)
+        register_symbol_partitions(instance, conn)
+    with db.connection(warehouse_url, autocommit=True) as conn:  # each change its own moment
+        replace_splits(conn, "AAPL", [])
+        for month in [*loaded, "2024-03-01"]:  # March is loaded, but holds no bar
+            conn.execute("INSERT INTO loaded_months VALUES ('daily', 'AAPL', %s, now())", (month,))
+        for month in loaded:
+            a_bar_in(conn, "bars_daily", "AAPL", month)
+        replace_splits(conn, "AAPL", [Split("AAPL", SPLIT_DAY, 1, 4, "e1")])
+    context = dg.build_sensor_context(instance=instance, resources=resources(server))
+    requested = split_revision_sensor(context)
+    assert isinstance(requested, dg.SensorResult)
+    ranges = sorted(
+        (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+        for r in requested.run_requests or []
+    )
+    assert ranges == [
+        ("2024-01-01|AAPL", "2024-02-01|AAPL"),
+        ("2024-05-01|AAPL", "2024-07-01|AAPL"),
+    ]
+    assert len({r.run_key for r in requested.run_requests or []}) == 2
 
 
 @pytest.mark.slow
@@ -197,7 +263,12 @@ def test_a_split_revises_that_symbols_history_exactly_and_nothing_else(
         bootstrap(conn)  # AAPL and MSFT are the first default stock symbols
         register_symbol_partitions(instance, conn)  # as `marketdata ui` and the sensor do
     first = run(instance, server, "stock_splits", ranged("AAPL", "MSFT"))
-    assert not first.get_asset_materialization_events(), "no split: nothing took effect"
+    fetched = {
+        str(m.partition): m.materialization.description
+        for m in first.get_asset_materialization_events()
+    }
+    assert {"AAPL", "MSFT"} <= set(fetched), "a first fetch materializes its partition"
+    assert set(fetched.values()) == {"first fetch: no split"}
     for spec in SPECS.values():
         run(instance, server, spec.name, ranged(f"{MONTHS[0]}|AAPL", f"{MONTHS[-1]}|MSFT"))
     msft_before = {t: stored(warehouse_url, t, "MSFT") for t in Timeframe}
@@ -283,6 +354,7 @@ def test_an_announced_split_is_observed_until_it_takes_effect_then_revised(
             "INSERT INTO loaded_months VALUES "
             "('daily', 'AAPL', '2024-01-01', now() - interval '3 days')"
         )
+        a_bar_in(conn, "bars_daily", "AAPL", "2024-01-01")
     run(instance, server, "stock_splits", ranged("AAPL", "AAPL"))  # none yet
     sim.split("AAPL", date(2099, 1, 2), 4.0)  # announced for a later day
     announced = run(instance, server, "stock_splits", ranged("AAPL", "AAPL"))
@@ -291,8 +363,11 @@ def test_an_announced_split_is_observed_until_it_takes_effect_then_revised(
     quiet = split_revision_sensor(context)
     assert isinstance(quiet, dg.SensorResult) and not quiet.run_requests
 
-    with db.connection(warehouse_url) as conn:  # its day comes
-        conn.execute("UPDATE splits SET execution_date = current_date WHERE symbol = 'AAPL'")
+    with db.connection(warehouse_url) as conn:  # its day comes, in New York
+        conn.execute(
+            "UPDATE splits SET execution_date = (now() AT TIME ZONE 'America/New_York')::date "
+            "WHERE symbol = 'AAPL'"
+        )
     due = split_revision_sensor(context)
     assert isinstance(due, dg.SensorResult)
     assert [r.tags["dagster/asset_partition_range_start"] for r in due.run_requests or []] == [
@@ -307,21 +382,59 @@ def test_a_split_withdrawn_before_its_day_changes_nothing_and_an_empty_list_is_r
     migrated_url: str,
 ) -> None:
     with db.connection(migrated_url, autocommit=True) as conn:
+        replace_splits(conn, "AAPL", [Split("AAPL", date(2020, 8, 31), 1, 4, "e0")])
+        conn.execute("UPDATE splits SET changed_at = now() - interval '5 days'")  # first seen
         conn.execute(
             "INSERT INTO loaded_months VALUES "
             "('daily', 'AAPL', '2024-01-01', now() - interval '4 days')"
         )
-        replace_splits(conn, "AAPL", [Split("AAPL", date(2020, 8, 31), 1, 4, "e0")])
+        a_bar_in(conn, "bars_daily", "AAPL", "2024-01-01")
         announced = Split("AAPL", date(2099, 1, 2), 1, 4, "e1")
         replace_splits(conn, "AAPL", [Split("AAPL", date(2020, 8, 31), 1, 4, "e0"), announced])
         replace_splits(conn, "AAPL", [Split("AAPL", date(2020, 8, 31), 1, 4, "e0")])  # withdrawn
         # As if seen 3 days ago, withdrawn 2 days ago, and its day was yesterday.
         conn.execute(
             "UPDATE splits SET changed_at = now() - interval '3 days', "
-            "withdrawn_at = now() - interval '2 days', execution_date = current_date - 1 "
+            "withdrawn_at = now() - interval '2 days', "
+            "execution_date = (now() AT TIME ZONE 'America/New_York')::date - 1 "
             "WHERE provider_id = 'e1'"
         )
         assert stale_months(conn, ["AAPL"]) == [], "withdrawn before its day: never in effect"
-        with pytest.raises(SplitsRefused, match="listed no split where 1 are known"):
+        with pytest.raises(SplitsRefused, match="listed no split of AAPL where 1 are known"):
             replace_splits(conn, "AAPL", [])
         assert [s.provider_id for s in splits_of(conn, "AAPL")] == ["e0"]
+        withdrawn = replace_splits(conn, "AAPL", [], accept_withdrawal=True)
+        assert withdrawn.withdrawn == [date(2020, 8, 31)] and splits_of(conn, "AAPL") == []
+
+
+def test_a_refused_withdrawal_says_in_one_line_how_to_accept_it_and_the_config_does(
+    warehouse_url: str, sim: Simulator, server: SimulatorHTTPServer, instance: dg.DagsterInstance
+) -> None:
+    with db.connection(warehouse_url) as conn:
+        bootstrap(conn)
+        register_symbol_partitions(instance, conn)
+    sim.split("AAPL", SPLIT_DAY, 4.0)
+    run(instance, server, "stock_splits", ranged("AAPL", "AAPL"))
+    sim.withdraw_split("AAPL", SPLIT_DAY)  # the demo restarted without its --split
+    refused = dg.materialize(
+        [stock_splits],
+        instance=instance,
+        tags=ranged("AAPL", "AAPL"),
+        resources=resources(server),
+        raise_on_error=False,
+    )
+    assert not refused.success
+    failure = next(e for e in refused.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.message.strip()  # type: ignore[union-attr]
+    assert "\n" not in message and message.count("AAPL:") == 1, message
+    assert "accept_withdrawal: true" in message
+    accepted = dg.materialize(
+        [stock_splits],
+        instance=instance,
+        tags=ranged("AAPL", "AAPL"),
+        resources=resources(server),
+        run_config={"ops": {"stock_splits": {"config": {"accept_withdrawal": True}}}},
+    )
+    assert accepted.success
+    with db.connection(warehouse_url) as conn:
+        assert splits_of(conn, "AAPL") == []

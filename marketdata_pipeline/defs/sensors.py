@@ -1,5 +1,6 @@
 """Sensors: the registry drives the symbol partitions; bars runs drive backfill state."""
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Literal
@@ -12,16 +13,17 @@ from marketdata_pipeline.defs.assets import (
     ALL_BARS_ASSETS,
     FAILED,
     REFUSED,
-    STOCK_SPLITS,
     UNAVAILABLE,
     UP_TO_DATE,
     BarsAsset,
 )
 from marketdata_pipeline.defs.partitions import month_and_symbol, months
 from marketdata_pipeline.defs.resources import WarehouseResource
-from marketdata_pipeline.defs.schedules import REFRESH_JOBS, REVISION_TAG, bars_run
+from marketdata_pipeline.defs.schedules import REFRESH_JOBS, REVISION_TAG, TRIGGER_TAG, bars_run
+from marketdata_pipeline.defs.splits import stock_splits_refresh
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.registry import backfill_state
+from marketdata_pipeline.registry.splits import never_fetched
 from marketdata_pipeline.registry.symbols import active_symbols
 
 
@@ -37,22 +39,35 @@ def register_symbol_partitions(
     adds, _, added = partition_changes(instance, active_symbols_by_market(conn))
     for request in adds:
         instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
-    for event in splits_registered(added):
-        instance.report_runless_asset_event(event)
     return _by_dimension(added)
 
 
-def splits_registered(added: dict[Market, list[str]]) -> list[dg.AssetMaterialization]:
-    """A new stock symbol's splits partition, materialized as it is registered: its bars,
-    all loaded after, depend on it and are fresh until its splits change."""
+def first_splits_fetches(stock_symbols: Sequence[str], never: Sequence[str]) -> list[dg.RunRequest]:
+    """A stock_splits run over each block of adjacent partitions (`stock_symbols`, in the
+    partitions' order) whose splits were never fetched (`never`): a symbol's splits partition
+    is materialized by a real fetch, as soon as it is registered."""
+    blocks: list[list[str]] = []
+    pending = set(never)
+    for position, symbol in enumerate(stock_symbols):
+        if symbol not in pending:
+            continue
+        if blocks and stock_symbols[position - 1] == blocks[-1][-1]:
+            blocks[-1].append(symbol)
+        else:
+            blocks.append([symbol])
     return [
-        dg.AssetMaterialization(
-            STOCK_SPLITS,
-            partition=symbol,
-            description="registered (before any of its bars): its splits are fetched by the "
-            "next stock_splits_daily run",
+        dg.RunRequest(
+            # Asked once (the sensor's cursor): a fetch that failed is made by the daily
+            # schedule's run.
+            run_key=f"first-splits|{block[0]}..{block[-1]}|{clock.now():%Y-%m-%dT%H:%M:%S}",
+            job_name=stock_splits_refresh.name,
+            tags={
+                "dagster/asset_partition_range_start": block[0],
+                "dagster/asset_partition_range_end": block[-1],
+                TRIGGER_TAG: "new symbol",
+            },
         )
-        for symbol in added.get(Market.STOCK, [])
+        for block in blocks
     ]
 
 
@@ -100,21 +115,32 @@ def history_backfill(market: Market, symbol: str, registered: datetime) -> list[
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Keeps the stock_symbols / crypto_symbols partitions equal to the active "
-    f"symbols of tracked_symbols, and backfills history from {config.history_start():%Y-%m} "
-    "for each newly added symbol.",
-    jobs=list(REFRESH_JOBS.values()),
+    f"symbols of tracked_symbols, backfills history from {config.history_start():%Y-%m} "
+    "for each newly added symbol, and fetches the splits of every stock symbol whose splits "
+    "were never fetched (one stock_splits run).",
+    jobs=[*REFRESH_JOBS.values(), stock_splits_refresh],
 )
 def symbol_registry_sensor(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource
 ) -> dg.SensorResult:
     with warehouse.connection() as conn:
         active = active_symbols_by_market(conn)
+        unfetched = never_fetched(conn, active[Market.STOCK])
     adds, deletes, added = partition_changes(context.instance, active)
+    stock_partitions = [
+        *context.instance.get_dynamic_partitions(Market.STOCK.symbol_dimension),
+        *added.get(Market.STOCK, []),
+    ]
+    # The cursor holds the unfetched symbols whose first fetch was asked for already.
+    asked = set(json.loads(context.cursor)) if context.cursor else set()
     runs = [
-        run
-        for market, symbols in added.items()
-        for symbol in symbols
-        for run in history_backfill(market, symbol, clock.now())
+        *first_splits_fetches(stock_partitions, [s for s in unfetched if s not in asked]),
+        *(
+            run
+            for market, symbols in added.items()
+            for symbol in symbols
+            for run in history_backfill(market, symbol, clock.now())
+        ),
     ]
     if adds or deletes:
         context.log.info(
@@ -127,8 +153,8 @@ def symbol_registry_sensor(
         changes += ("; " if changes else "") + f"partitions removed {removed}"
     return dg.SensorResult(
         run_requests=runs,
+        cursor=json.dumps(unfetched),
         dynamic_partitions_requests=[*adds, *deletes],
-        asset_events=splits_registered(added),
         # A tick that requests runs is shown with them; one that does not, with its words.
         skip_reason=None if runs else changes or "partitions already match the registry",
     )

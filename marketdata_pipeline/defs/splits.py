@@ -6,13 +6,14 @@ symbol and bars asset."""
 from collections.abc import Iterator
 
 import dagster as dg
+from pydantic import Field
 
 from marketdata_pipeline import clock
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, GROUP, OWNERS, STOCK_SPLITS
 from marketdata_pipeline.defs.partitions import SYMBOL_PARTITIONS
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
-from marketdata_pipeline.domain import Market
+from marketdata_pipeline.domain import Market, consecutive_months
 from marketdata_pipeline.polygon.client import PolygonError
 from marketdata_pipeline.registry.splits import (
     SplitsRefused,
@@ -24,14 +25,23 @@ from marketdata_pipeline.registry.splits import (
 from marketdata_pipeline.registry.symbols import active_symbols
 
 
+class SplitsRunConfig(dg.Config):
+    accept_withdrawal: bool = Field(
+        default=False,
+        description="Accept an answer that lists no split for a symbol with known splits: "
+        "they are withdrawn and its loaded months fetched again. Off, such an answer is "
+        "refused and the splits are kept (a provider glitch looks like that).",
+    )
+
+
 @dg.asset(
     key=STOCK_SPLITS,
     description="Each stock symbol's splits from Polygon's splits reference "
     "(`/v3/reference/splits`), in the `splits` table: added, changed and withdrawn exactly as "
-    "the provider lists them. A partition (a symbol) is materialized once as the symbol is "
-    "registered, before its bars, and again when a change has taken effect on months already "
-    "loaded: the symbol's bars partitions then show stale until the revision sensor has "
-    "re-fetched them. Any other fetch is observed.",
+    "the provider lists them. A partition (a symbol) is materialized by its first fetch (the "
+    "registry sensor asks for it as the symbol is registered), and again when a change has "
+    "taken effect on months already loaded: the symbol's bars partitions then show stale "
+    "until the revision sensor has re-fetched them. Any other fetch is observed.",
     partitions_def=SYMBOL_PARTITIONS[Market.STOCK],
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool="polygon",
@@ -42,7 +52,10 @@ from marketdata_pipeline.registry.symbols import active_symbols
     metadata={"dagster/table_name": "splits"},
 )
 def stock_splits(
-    context: dg.AssetExecutionContext, polygon: PolygonResource, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext,
+    config: SplitsRunConfig,
+    polygon: PolygonResource,
+    warehouse: WarehouseResource,
 ) -> Iterator[dg.AssetMaterialization | dg.AssetObservation]:
     failed: dict[str, str] = {}
     with (
@@ -51,7 +64,12 @@ def stock_splits(
     ):
         for symbol in context.partition_keys:
             try:
-                change = replace_splits(conn, symbol, client.splits(symbol))
+                change = replace_splits(
+                    conn,
+                    symbol,
+                    client.splits(symbol),
+                    accept_withdrawal=config.accept_withdrawal,
+                )
             except (PolygonError, SplitsRefused) as error:
                 failed[symbol] = str(error)
                 context.log.error(f"{symbol}: {error}")
@@ -62,9 +80,12 @@ def stock_splits(
                 "splits": ", ".join(f"{s.ratio} on {s.execution_date}" for s in splits) or "none",
             }
             took_effect = _took_effect(context.instance, symbol, stale_months(conn, [symbol]))
-            if took_effect:
+            if took_effect or change.first_fetch:
                 yield dg.AssetMaterialization(
-                    STOCK_SPLITS, partition=symbol, description=took_effect, metadata=metadata
+                    STOCK_SPLITS,
+                    partition=symbol,
+                    description=took_effect or change.describe(),
+                    metadata=metadata,
                 )
             else:
                 # A change not yet in effect (a split announced for a later day) is told, not
@@ -74,9 +95,12 @@ def stock_splits(
                 )
     if failed:
         first, words = next(iter(failed.items()))
-        raise dg.Failure(
-            f"stock_splits: {len(failed)} symbol(s) failed ({', '.join(failed)}); {first}: {words}"
+        others = (
+            f" (and {len(failed) - 1} more: {', '.join(list(failed)[1:])})"
+            if len(failed) > 1
+            else ""
         )
+        raise dg.Failure(f"stock_splits {first}: {words}{others}")
 
 
 def _took_effect(instance: dg.DagsterInstance, symbol: str, stale: list[StaleMonths]) -> str | None:
@@ -126,8 +150,9 @@ def stock_splits_daily(context: dg.ScheduleEvaluationContext) -> dg.RunRequest |
     default_status=dg.DefaultSensorStatus.RUNNING,
     jobs=[REFRESH_JOBS[Market.STOCK]],
     description="Re-fetches, whole, every month of a stock symbol's bars loaded before its "
-    "splits last changed (a split added, changed or withdrawn that has taken effect): one "
-    "ranged run per symbol and bars asset, tagged with the change. backfill_state records the "
+    "splits last changed (a split added, changed or withdrawn that has taken effect), if it "
+    "holds bars: one ranged run per symbol, bars asset and run of consecutive stale months, "
+    "tagged with the change. backfill_state records the "
     "months as revised for it.",
 )
 def split_revision_sensor(
@@ -136,20 +161,22 @@ def split_revision_sensor(
     with warehouse.connection() as conn:
         stale = stale_months(conn, active_symbols(conn, Market.STOCK))
     specs = {spec.timeframe: spec for spec in ALL_BARS_ASSETS if spec.market is Market.STOCK}
+    # Exactly the stale months, each run of consecutive ones in one request stream.
     runs = [
         bars_run(
             specs[group.timeframe],
-            [group.months[0].isoformat(), group.months[-1].isoformat()],
+            [months[0].isoformat(), months[-1].isoformat()],
             [group.symbol],
             # One run per change and day: a failed revision is asked again the next day.
             run_key=(
-                f"revision|{group.symbol}|{group.timeframe}|{group.since:%Y%m%dT%H%M%S}"
-                f"|{clock.now():%Y-%m-%d}"
+                f"revision|{group.symbol}|{group.timeframe}|{months[0]:%Y-%m}"
+                f"|{group.since:%Y%m%dT%H%M%S}|{clock.now():%Y-%m-%d}"
             ),
             trigger="split revision",
             revision=f"{group.symbol} {group.why}",
         )
         for group in stale
+        for months in consecutive_months(group.months)
     ]
     by_symbol: dict[str, list[StaleMonths]] = {}
     for group in stale:

@@ -4,7 +4,9 @@ Adjusted bars are divided by every split after them, so a split that appears, ch
 withdrawn changes the history the provider serves. A month fetched whole at `loaded_at` (in
 `loaded_months`, written with each load) holds the adjustment of the splits in effect then;
 it is stale once a split change took effect after that (and is due: a split announced for a
-later day changes nothing before it).
+later day changes nothing before it). A change takes effect when a fetch first sees it, the
+symbol's first fetch included: the provider may list a split days after it executed, so a
+month loaded before the fetch that lists it may or may not hold it, and is fetched again.
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ import psycopg
 from marketdata_pipeline.domain import Market, Split, Timeframe
 from marketdata_pipeline.errors import MarketdataError
 
-_CHANGED_AT_FIRST = f"(%s::timestamp AT TIME ZONE '{Market.STOCK.zone.key}')"
 # When a split row's current state took effect: a withdrawal when withdrawn, else its change,
 # but never before its execution day starts in New York.
 _EXECUTED = f"(s.execution_date::timestamp AT TIME ZONE '{Market.STOCK.zone.key}')"
 _EFFECTIVE = f"greatest(coalesce(s.withdrawn_at, s.changed_at), {_EXECUTED})"
+_MONTH_START = f"(l.month::timestamp AT TIME ZONE '{Market.STOCK.zone.key}')"
+_MONTH_END = f"((l.month + interval '1 month')::timestamp AT TIME ZONE '{Market.STOCK.zone.key}')"
+_HOLDS_BARS = (
+    "SELECT FROM {table} b WHERE b.symbol = l.symbol "
+    f"AND b.ts >= {_MONTH_START} AND b.ts < {_MONTH_END}"
+)
+
+
+ACCEPT_WITHDRAWAL = "accept_withdrawal"  # the stock_splits run config that overrides a refusal
 
 
 class SplitsRefused(MarketdataError):
@@ -49,10 +59,17 @@ class SplitChange:
         return "; ".join(parts) or ("first fetch: no split" if self.first_fetch else "no change")
 
 
-def replace_splits(conn: psycopg.Connection, symbol: str, fetched: Sequence[Split]) -> SplitChange:
+def replace_splits(
+    conn: psycopg.Connection,
+    symbol: str,
+    fetched: Sequence[Split],
+    *,
+    accept_withdrawal: bool = False,
+) -> SplitChange:
     """Make `symbol`'s splits the provider's list, exactly: new ones added, changed ratios
     updated, missing ones withdrawn (kept, marked), withdrawn ones that came back restored.
-    Idempotent: the same list again changes nothing."""
+    Idempotent: the same list again changes nothing. An empty list where splits are known is
+    refused unless `accept_withdrawal`."""
     by_day = {split.execution_date: split for split in fetched}
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('splits|' || %s))", (symbol,))
@@ -73,12 +90,13 @@ def replace_splits(conn: psycopg.Connection, symbol: str, fetched: Sequence[Spli
             day: (ratio_from, ratio_to, withdrawn) for day, ratio_from, ratio_to, withdrawn in rows
         }
         in_effect = [day for day, (_, _, withdrawn) in stored.items() if not withdrawn]
-        if in_effect and not fetched:
+        if in_effect and not fetched and not accept_withdrawal:
             # Withdrawing them would re-fetch the symbol's whole history, and again when
             # they come back: an empty answer is refused, as an empty month is.
             raise SplitsRefused(
-                f"{symbol}: the provider listed no split where {len(in_effect)} are known "
-                f"(latest {max(in_effect)}); kept as they are"
+                f"the provider listed no split of {symbol} where {len(in_effect)} are known "
+                f"(latest {max(in_effect)}), so they are kept; if the provider withdrew them, "
+                f"run stock_splits for {symbol} with the config {ACCEPT_WITHDRAWAL}: true"
             )
         change = SplitChange(symbol, first_fetch=first_fetch)
         for day, split in sorted(by_day.items()):
@@ -89,11 +107,9 @@ def replace_splits(conn: psycopg.Connection, symbol: str, fetched: Sequence[Spli
                 change.changed.append(split)
             else:
                 continue
-            # A symbol's first fetch finds splits the provider applied when they executed.
-            changed_at = _CHANGED_AT_FIRST if first_fetch else "now()"
             conn.execute(
                 "INSERT INTO splits AS s (symbol, execution_date, split_from, split_to, "
-                f"provider_id, changed_at) VALUES (%s, %s, %s, %s, %s, {changed_at}) "
+                "provider_id, changed_at) VALUES (%s, %s, %s, %s, %s, now()) "
                 "ON CONFLICT (symbol, execution_date) DO UPDATE SET "
                 "split_from = excluded.split_from, split_to = excluded.split_to, "
                 "provider_id = excluded.provider_id, changed_at = excluded.changed_at, "
@@ -104,7 +120,6 @@ def replace_splits(conn: psycopg.Connection, symbol: str, fetched: Sequence[Spli
                     split.split_from,
                     split.split_to,
                     split.provider_id,
-                    *((day,) if first_fetch else ()),
                 ),
             )
         for day, (_, _, withdrawn) in sorted(stored.items()):
@@ -116,6 +131,17 @@ def replace_splits(conn: psycopg.Connection, symbol: str, fetched: Sequence[Spli
                     (symbol, day),
                 )
     return change
+
+
+def never_fetched(conn: psycopg.Connection, symbols: Sequence[str]) -> list[str]:
+    """The symbols whose splits were never fetched, in the order given."""
+    fetched = {
+        symbol
+        for (symbol,) in conn.execute(
+            "SELECT symbol FROM split_fetches WHERE symbol = ANY(%s)", (list(symbols),)
+        )
+    }
+    return [symbol for symbol in symbols if symbol not in fetched]
 
 
 def splits_of(conn: psycopg.Connection, symbol: str) -> list[Split]:
@@ -140,7 +166,8 @@ class StaleMonths:
 
 
 def stale_months(conn: psycopg.Connection, symbols: Sequence[str]) -> list[StaleMonths]:
-    """Per symbol and timeframe, the loaded months a split change took effect after."""
+    """Per symbol and timeframe, the loaded months that hold bars and that a split change
+    took effect after (a month without bars has nothing to adjust)."""
     rows = conn.execute(
         f"""
         SELECT l.symbol, l.timeframe, array_agg(l.month ORDER BY l.month),
@@ -159,6 +186,10 @@ def stale_months(conn: psycopg.Connection, symbols: Sequence[str]) -> list[Stale
             ORDER BY 1 DESC LIMIT 1
         ) c ON true
         WHERE l.symbol = ANY(%s)
+          AND CASE l.timeframe
+                WHEN 'daily' THEN EXISTS ({_HOLDS_BARS.format(table="bars_daily")})
+                ELSE EXISTS ({_HOLDS_BARS.format(table="bars_minute")})
+              END
         GROUP BY l.symbol, l.timeframe
         ORDER BY l.symbol, l.timeframe
         """,
