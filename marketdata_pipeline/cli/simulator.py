@@ -10,7 +10,14 @@ from datetime import date
 import click
 
 from marketdata_pipeline.domain import InvalidSymbol, normalize_symbol
-from marketdata_pipeline.polygon.simulator import ORDERS, PLANS, Faults, Simulator, serve
+from marketdata_pipeline.polygon.simulator import (
+    ORDERS,
+    PLANS,
+    SPACINGS,
+    Faults,
+    Simulator,
+    serve,
+)
 
 # --fault KIND: (field of Faults, its type, value when no "=VALUE" is given; None: required)
 FAULT_KINDS: dict[str, tuple[str, type, object]] = {
@@ -28,8 +35,12 @@ FAULT_KINDS: dict[str, tuple[str, type, object]] = {
     "repeat-timestamp": ("repeat_timestamp_every", int, 10),
     "late": ("late_every", int, 10),
     "wrong-types": ("wrong_types_every", int, 10),
+    "boolean": ("boolean_every", int, 10),
     "spike": ("spike_every", int, 100),
+    "spacing": ("spacing", str, "pretty"),
 }
+# The values a fault of type str takes.
+_CHOICES = {"order": ORDERS, "spacing": SPACINGS}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -102,8 +113,8 @@ def _value(spec: str, kind: str, kind_type: type, raw: str) -> object:
             raise bad("no value, true or false")
         return raw.lower() in _TRUE
     if kind_type is str:
-        if raw not in ORDERS:
-            raise bad(f"one of {', '.join(ORDERS)}")
+        if raw not in _CHOICES[kind]:
+            raise bad(f"one of {', '.join(_CHOICES[kind])}")
         return raw
     try:
         value = kind_type(raw)
