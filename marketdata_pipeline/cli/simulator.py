@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from datetime import date
@@ -10,6 +11,7 @@ from datetime import date
 import click
 
 from marketdata_pipeline.domain import InvalidSymbol, normalize_symbol
+from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.polygon.simulator import (
     ORDERS,
     PLANS,
@@ -181,9 +183,18 @@ def simulator_command(
         sim.inject(Faults(**settings), ticker)  # type: ignore[arg-type]
     for split in splits:
         split.stage(sim)
-    server = serve(sim, host, port)
-    click.echo(f"Polygon simulator (synthetic data) on {server.url}")
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        server.shutdown()
+        server = serve(sim, host, port)
+    except OSError as error:  # a port in use, a host that does not resolve or is not ours
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
+    # Set before it says it listens, not left to KeyboardInterrupt: polars installs a SIGINT
+    # handler of its own, under which Ctrl-C did nothing.
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    click.echo(f"Polygon simulator (synthetic data) on {server.url}")
+    while not stopping.wait(0.2):
+        pass
+    server.shutdown()
+    server.server_close()
