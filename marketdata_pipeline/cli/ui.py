@@ -31,7 +31,7 @@ from marketdata_pipeline.warehouse.connection import (
     with_database,
 )
 
-DEMO_DATABASE = "marketdata_demo"
+DEMO_DATABASE = config.DEMO_DATABASE
 
 
 @click.command("ui")

@@ -32,6 +32,8 @@ from marketdata_pipeline.errors import MarketdataError
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 50_000  # base bars per page, the provider's maximum
+# The header the offline simulator sends with every response: its bars are synthetic.
+SIMULATOR_HEADER = "X-Marketdata-Simulator"
 SPLITS_LIMIT = 1000  # splits per page, the provider's maximum
 MAX_SPLIT_PAGES = 20  # a ticker has a few splits: more pages than this is a runaway cursor
 _WIRE_SCHEMA = {
@@ -294,6 +296,8 @@ class PolygonClient:
         self._secret = api_key or None
         self._limiter = rate_limiter
         self._retry = retry or RetryPolicy()
+        # Set by the first response from the simulator (its header), whatever the base URL.
+        self.synthetic = False
 
     def __repr__(self) -> str:
         return f"PolygonClient(base_url={self.base_url!r})"
@@ -493,6 +497,8 @@ class PolygonClient:
             response = self._http.get(target, params=params)
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as error:
             raise _Retryable(type(error).__name__) from None
+        if response.headers.get(SIMULATOR_HEADER):
+            self.synthetic = True
         status = response.status_code
         if status == 200:
             return response

@@ -48,7 +48,7 @@ import numpy as np
 from marketdata_pipeline.config import DEFAULT_SYMBOLS
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.polygon import synthetic_bars as synth
-from marketdata_pipeline.polygon.client import MAX_LIMIT
+from marketdata_pipeline.polygon.client import MAX_LIMIT, SIMULATOR_HEADER
 
 DEFAULT_LIMIT = 5_000
 REQUEST_LOG_SIZE = 10_000  # a long-running simulator keeps only the latest requests
@@ -727,6 +727,13 @@ class Simulator:
     # -- request handling ----------------------------------------------------------------
 
     def handle(self, raw_path: str, headers: dict[str, str]) -> Reply:
+        """The reply to one request, every one saying that it comes from the simulator: a
+        client then knows its bars are synthetic, whatever its base URL says."""
+        reply = self._answer(raw_path, headers)
+        reply.headers[SIMULATOR_HEADER] = "1"
+        return reply
+
+    def _answer(self, raw_path: str, headers: dict[str, str]) -> Reply:
         parts = urlsplit(raw_path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         with self._lock:
