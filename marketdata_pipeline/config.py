@@ -89,6 +89,16 @@ DEFAULT_SYMBOLS: tuple[SeedSymbol, ...] = (
 )
 
 
+# The offline demo's own database: the only one that takes synthetic bars unless told.
+DEMO_DATABASE = "marketdata_demo"
+
+
+def synthetic_allowed() -> bool:
+    """MARKETDATA_ALLOW_SYNTHETIC=1: the operator's word that synthetic bars (the simulator's)
+    may go into a database other than the demo's (tests and benchmarks say it)."""
+    return _flag("MARKETDATA_ALLOW_SYNTHETIC", default=False)
+
+
 def simulated() -> bool:
     """True when bars come from the offline simulator (set by `marketdata ui` without a key)."""
     return os.environ.get("MARKETDATA_SIMULATED", "") == "1"

@@ -32,7 +32,7 @@ import polars as pl
 import psycopg
 from psycopg import sql
 
-from marketdata_pipeline import clock
+from marketdata_pipeline import clock, config
 from marketdata_pipeline.domain import (
     Market,
     Timeframe,
@@ -41,6 +41,7 @@ from marketdata_pipeline.domain import (
     empty_bars,
     last_day_of_month,
 )
+from marketdata_pipeline.errors import MarketdataError
 from marketdata_pipeline.polygon.client import PolygonClient, PolygonPlanLimit
 from marketdata_pipeline.quality.calendars import sessions
 from marketdata_pipeline.quality.validation import Validation, validate, validate_symbols
@@ -105,8 +106,26 @@ def ingest_windows(
         for part in fetched:
             outcome = WindowOutcome(**vars(part))
             if part.validation is not None:
+                refuse_synthetic(conn, client)
                 outcome.load, outcome.refused = _load(conn, part, run_id, accept_shrink)
             yield outcome
+
+
+class SyntheticRefused(MarketdataError):
+    """Synthetic bars (the simulator's) bound for a database other than the demo's."""
+
+
+def refuse_synthetic(conn: psycopg.Connection, client: PolygonClient) -> None:
+    """Refuse to load bars from the simulator (the client saw its header) into any database
+    but the offline demo's, unless the operator allowed it: a POLYGON_BASE_URL pointed at a
+    simulator must not put synthetic bars among real ones."""
+    database = conn.info.dbname
+    if client.synthetic and database != config.DEMO_DATABASE and not config.synthetic_allowed():
+        raise SyntheticRefused(
+            f"refused: the provider at {client.base_url} is the Polygon simulator (synthetic "
+            f"bars), which loads only into the demo database {config.DEMO_DATABASE}, not "
+            f"{database}; set MARKETDATA_ALLOW_SYNTHETIC=1 to load them anyway"
+        )
 
 
 def _load(
@@ -249,6 +268,7 @@ def ingest_grouped(
                 window, validations[window.symbol], ids, pages=len(ids), fetched_at=fetched_at
             )
             outcome = WindowOutcome(**vars(part))
+            refuse_synthetic(conn, client)
             outcome.load, outcome.refused = _load(conn, part, run_id, accept_shrink)
             yield outcome
 

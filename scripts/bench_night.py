@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as clock
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--symbols", type=int, nargs="+", default=[20, 500])
     parser.add_argument("--json", type=Path, help="default: $MARKETDATA_HOME/bench_night.json")
     args = parser.parse_args()
+    os.environ["MARKETDATA_ALLOW_SYNTHETIC"] = "1"  # its own database takes simulator bars
     if any(n < 1 for n in args.symbols):
         parser.error("--symbols must be positive")
     admin_url = config.database_url() or embedded.start()

@@ -24,6 +24,9 @@ from marketdata_pipeline.warehouse import embedded, migrations
 from marketdata_pipeline.warehouse.connection import connection, with_database
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The tests load simulator bars into databases of their own, not the demo's: they say so, as an
+# operator would, for this process and every one it starts (a test of the refusal unsets it).
+os.environ["MARKETDATA_ALLOW_SYNTHETIC"] = "1"
 PGLITE_DIR = Path(__file__).resolve().parent / "pglite"
 
 

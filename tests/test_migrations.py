@@ -145,3 +145,60 @@ def test_a_missing_or_empty_migrations_folder_is_refused(
         with pytest.raises(MigrationError, match=rf"migrations folder .*sql .*{folder}"):
             migrations.migrate(conn, sql_dir)
         assert relations(conn) == set(), "nothing is created, not even the ledger"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "CREATE TABLE half_done (id int);\nCOMMIT;\nSELECT * FROM no_such_table;\n",
+        "CREATE TABLE half_done (id int);\ncommit and chain;\n",
+        "CREATE TABLE half_done (id int);\nEnd;\n",
+        "BEGIN;\nCREATE TABLE half_done (id int);\n",
+        "start transaction;\nCREATE TABLE half_done (id int);\n",
+        "CREATE TABLE half_done (id int);\nRollback;\n",
+        "SAVEPOINT s;\nCREATE TABLE half_done (id int);\nRELEASE SAVEPOINT s;\n",
+        "CREATE TABLE half_done (id int);\nrelease s;\n",
+        "CREATE TABLE half_done (id int);\nABORT;\n",
+        "CREATE TABLE half_done (id int); -- a comment\n/* a /* nested */ one */ COMMIT;\n",
+        "SELECT 'a ; literal'; SELECT E'it\\'s; still one'; COMMIT;\n",
+    ],
+)
+def test_a_migration_that_controls_its_transaction_is_refused_before_anything_runs(
+    database_url: str, tmp_path: Path, body: str
+) -> None:
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(PROJECT_DIR / "sql", sql_dir)
+    with db.connection(database_url) as conn:
+        migrations.migrate(conn, sql_dir)
+        (sql_dir / "008_fine.sql").write_text("CREATE TABLE fine (id int);\n")
+        (sql_dir / "009_commits.sql").write_text(body)
+        with pytest.raises(MigrationError) as refused:
+            migrations.migrate(conn, sql_dir)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert message.startswith("migration 009_commits.sql controls its own transaction (")
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (7,)
+        created = conn.execute("SELECT to_regclass('half_done'), to_regclass('fine')").fetchone()
+        assert created == (None, None), "not even the migration before it ran"
+
+
+def test_transaction_words_inside_comments_literals_and_bodies_are_not_statements(
+    database_url: str, tmp_path: Path
+) -> None:
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(PROJECT_DIR / "sql", sql_dir)
+    (sql_dir / "008_words.sql").write_text(
+        "-- COMMIT;\n"
+        "/* ROLLBACK; /* nested */ END; */\n"
+        'CREATE TABLE words (said text, "commit" int);\n'
+        "INSERT INTO words VALUES ('COMMIT; BEGIN;', 1), (E'it\\'s; END', 2),\n"
+        "  ($q$ROLLBACK;$q$, 3);\n"
+        "CREATE FUNCTION words_count() RETURNS bigint AS $fn$\n"
+        "BEGIN\n  RETURN (SELECT count(*) FROM words);\nEND\n$fn$ LANGUAGE plpgsql;\n"
+        "CREATE FUNCTION words_first() RETURNS text LANGUAGE sql\n"
+        "BEGIN ATOMIC\n  SELECT CASE WHEN true THEN min(said) END FROM words;\nEND;\n"
+        "SELECT CASE WHEN count(*) > 0 THEN 1 END FROM words;\n"
+    )
+    with db.connection(database_url) as conn:
+        assert migrations.migrate(conn, sql_dir)[-1] == "008_words.sql"
+        assert conn.execute("SELECT words_count()").fetchone() == (3,)

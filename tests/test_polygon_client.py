@@ -143,6 +143,23 @@ def test_values_of_the_wrong_type_are_never_coerced_but_named() -> None:
     ).frame.row(0)
 
 
+@pytest.mark.parametrize(
+    ("change", "defect"),
+    [
+        ({"t": 1112587200000.5}, "ts is not an integer in range (1112587200000.5)"),
+        ({"n": 2.5}, "trades is not an integer in range (2.5)"),
+        ({"n": 9007199254740993}, None),  # beyond a float's exact integers, within int64
+    ],
+)
+def test_an_integer_field_is_never_truncated(change: dict, defect: str | None) -> None:
+    body = json.loads((FIXTURES / "aggs_AAPL_1_day_2005-04-01_2005-04-04.json").read_text())
+    body["results"][0] |= change
+    frame = decode_page(json.dumps(body).encode(), ticker="AAPL", adjusted=True).frame
+    assert frame["defects"][0].to_list() == ([defect] if defect else [])
+    if defect is None:
+        assert frame["trades"][0] == 9007199254740993, "read exactly"
+
+
 # -- pagination and data ------------------------------------------------------------------
 
 

@@ -319,3 +319,28 @@ def test_a_run_with_late_bars_ends_green_with_every_month_whole(
     with connection(migrated_url) as check:
         for month in MONTHS:
             assert stored_counts(check, month) == (expected_count(sim, month), 0)
+
+
+@pytest.mark.parametrize("spacing", ["compact", "pretty", "odd"])
+def test_a_boolean_price_is_found_whatever_the_bodys_whitespace(conn, spacing: str) -> None:
+    """`"o": true` as pretty-printed JSON has it is quarantined, never loaded as 1.0, with
+    nothing else wrong on the page to give it away; over a real socket."""
+    sim = Simulator()
+    sim.inject(Faults(boolean_every=5000, spacing=spacing))
+    server = serve(sim)
+    try:
+        body = httpx.get(
+            f"{server.url}/v2/aggs/ticker/X:BTCUSD/range/1/minute/2024-01-01/2024-01-05"
+        ).content
+        assert (b'"o": true' in body) == (spacing == "pretty")
+        assert (b'"o": true' not in body and b'"o":true' not in body) == (spacing == "odd")
+        run(PolygonClient(KEY, server.url, retry=QUICK), conn, [MONTHS[0]])
+    finally:
+        server.shutdown()
+        server.server_close()
+    loaded, rejected = stored_counts(conn, MONTHS[0])
+    assert rejected > 0 and loaded + rejected == expected_count(sim, MONTHS[0])
+    reasons = conn.execute("SELECT DISTINCT unnest(reasons) FROM bars_rejected").fetchall()
+    assert reasons == [("open is a boolean (true), not a number",)]
+    [(ones,)] = conn.execute("SELECT count(*) FROM bars_minute WHERE open = 1.0").fetchall()
+    assert ones == 0

@@ -21,11 +21,18 @@ from marketdata_pipeline.warehouse.migrations import pending
     "--port", default=config.DEFAULT_API_PORT, show_default=True, type=click.IntRange(1, 65535)
 )
 @click.option(
+    "--socket-fd",
+    type=int,
+    hidden=True,
+    help="A socket already listening on --host:--port (`marketdata ui` binds it before it "
+    "starts anything, so a port in use stops it at once).",
+)
+@click.option(
     "--rate-limit",
     help="Requests each API key may make, like 600/minute or 20 per second "
     f"[default: MARKETDATA_API_RATE_LIMIT, else {config.DEFAULT_API_RATE_LIMIT}].",
 )
-def serve_command(host: str, port: int, rate_limit: str | None) -> None:
+def serve_command(host: str, port: int, socket_fd: int | None, rate_limit: str | None) -> None:
     """Serve the read-only HTTP API: bars, symbols, stats, health, usage (X-API-Key)."""
     limit = config.api_rate_limit(rate_limit)
     url = embedded.warehouse_url()
@@ -34,12 +41,7 @@ def serve_command(host: str, port: int, rate_limit: str | None) -> None:
             raise click.ClickException(
                 f"the warehouse has {len(waiting)} migration(s) pending: run `marketdata bootstrap`"
             )
-    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:  # bound here, not by uvicorn, for a one-line error before anything is announced
-        listening.bind((host, port))
-    except OSError as error:
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    listening = socket.socket(fileno=socket_fd) if socket_fd is not None else listen(host, port)
     click.echo(
         f"read API: http://{host}:{port}/v1 (document {OPENAPI_PATH}; warehouse {describe(url)}; "
         f"{limit} per key)"
@@ -51,3 +53,18 @@ def serve_command(host: str, port: int, rate_limit: str | None) -> None:
         app, log_level="warning", proxy_headers=False, timeout_graceful_shutdown=10
     )  # open streams do not hold a shutdown up
     uvicorn.Server(settings).run(sockets=[listening])
+
+
+def listen(host: str, port: int, what: str = "") -> socket.socket:
+    """A socket bound to host:port, or a one-line error naming them: bound here, not by the
+    server, so a port in use stops a command before it announces or starts anything."""
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as error:
+        listening.close()
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"cannot listen on {host}:{port}{what}: {reason}") from None
+    listening.listen(2048)
+    return listening

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from datetime import date
@@ -10,7 +11,15 @@ from datetime import date
 import click
 
 from marketdata_pipeline.domain import InvalidSymbol, normalize_symbol
-from marketdata_pipeline.polygon.simulator import ORDERS, PLANS, Faults, Simulator, serve
+from marketdata_pipeline.errors import ConfigError
+from marketdata_pipeline.polygon.simulator import (
+    ORDERS,
+    PLANS,
+    SPACINGS,
+    Faults,
+    Simulator,
+    serve,
+)
 
 # --fault KIND: (field of Faults, its type, value when no "=VALUE" is given; None: required)
 FAULT_KINDS: dict[str, tuple[str, type, object]] = {
@@ -28,8 +37,12 @@ FAULT_KINDS: dict[str, tuple[str, type, object]] = {
     "repeat-timestamp": ("repeat_timestamp_every", int, 10),
     "late": ("late_every", int, 10),
     "wrong-types": ("wrong_types_every", int, 10),
+    "boolean": ("boolean_every", int, 10),
     "spike": ("spike_every", int, 100),
+    "spacing": ("spacing", str, "pretty"),
 }
+# The values a fault of type str takes.
+_CHOICES = {"order": ORDERS, "spacing": SPACINGS}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -102,8 +115,8 @@ def _value(spec: str, kind: str, kind_type: type, raw: str) -> object:
             raise bad("no value, true or false")
         return raw.lower() in _TRUE
     if kind_type is str:
-        if raw not in ORDERS:
-            raise bad(f"one of {', '.join(ORDERS)}")
+        if raw not in _CHOICES[kind]:
+            raise bad(f"one of {', '.join(_CHOICES[kind])}")
         return raw
     try:
         value = kind_type(raw)
@@ -170,9 +183,18 @@ def simulator_command(
         sim.inject(Faults(**settings), ticker)  # type: ignore[arg-type]
     for split in splits:
         split.stage(sim)
-    server = serve(sim, host, port)
-    click.echo(f"Polygon simulator (synthetic data) on {server.url}")
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        server.shutdown()
+        server = serve(sim, host, port)
+    except OSError as error:  # a port in use, a host that does not resolve or is not ours
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
+    # Set before it says it listens, not left to KeyboardInterrupt: polars installs a SIGINT
+    # handler of its own, under which Ctrl-C did nothing.
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    click.echo(f"Polygon simulator (synthetic data) on {server.url}")
+    while not stopping.wait(0.2):
+        pass
+    server.shutdown()
+    server.server_close()

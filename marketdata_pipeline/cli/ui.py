@@ -5,19 +5,22 @@ Dagster is imported inside the command, so the other commands start without it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from marketdata_pipeline import config
 from marketdata_pipeline.cli.common import print_bootstrap
+from marketdata_pipeline.cli.serve import listen
 from marketdata_pipeline.cli.simulator import SPLIT, StagedSplit
-from marketdata_pipeline.errors import ConfigError
+from marketdata_pipeline.errors import ConfigError, MarketdataError
 from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer, serve
 from marketdata_pipeline.warehouse import embedded
 from marketdata_pipeline.warehouse.bootstrap import bootstrap
@@ -28,7 +31,7 @@ from marketdata_pipeline.warehouse.connection import (
     with_database,
 )
 
-DEMO_DATABASE = "marketdata_demo"
+DEMO_DATABASE = config.DEMO_DATABASE
 
 
 @click.command("ui")
@@ -63,56 +66,73 @@ def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> Non
         )
     if ui := embedded.running_ui():
         raise ConfigError(f"a Dagster UI (pid {ui.pid}) already runs on this MARKETDATA_HOME")
+    if splits and not simulated:
+        raise ConfigError("--split stages a split in the offline demo's simulator only")
+    # Both ports before anything starts: the read API's socket is bound here and handed to
+    # its process, which cannot then fail on it; the UI's is only tried (`dagster dev` binds
+    # it itself), and a UI that still fails to start stops everything below.
+    api_socket = listen("127.0.0.1", api_port, " (the read API, --api-port)")
+    listen("127.0.0.1", port, " (the Dagster UI, --port)").close()
     # Resolved once, here: Dagster's processes start in the Dagster home, where a relative
     # MARKETDATA_HOME would name another folder (and put API key files there).
     os.environ["MARKETDATA_HOME"] = str(config.marketdata_home())
     on_embedded = not config.database_url()  # read now: the UI's env sets DATABASE_URL below
     started_embedded = on_embedded and not embedded.is_running()
     database = DEMO_DATABASE if simulated else embedded.DEFAULT_DATABASE
-    url = embedded.warehouse_url(database)
-    with connection(url) as conn:
-        print_bootstrap(bootstrap(conn))
-    if on_embedded:
-        embedded.record_ui(database)  # other commands on this home now use this database
-    dagster_home = _dagster_instance(url, simulated)
-    if splits and not simulated:
-        raise ConfigError("--split stages a split in the offline demo's simulator only")
-    server = _start_demo_simulator(splits) if simulated else None
-    _register_symbol_partitions(url)
-    ui_url = f"http://127.0.0.1:{port}"
-    os.environ.setdefault("MARKETDATA_UI_URL", ui_url)  # the alerts' links point here
-    click.echo(f"Dagster UI: {ui_url}  (warehouse {describe(url)})")
-    if on_embedded:
-        click.echo(
-            f"While it runs, `marketdata` commands with MARKETDATA_HOME="
-            f"{config.marketdata_home()} use the {database} database; psql: {url}"
-        )
-    dagster = subprocess.Popen(
-        [
-            sys.executable, "-m", "dagster", "dev",
-            "-w", str(config.shipped_path("workspace.yaml")),
-            "-h", "127.0.0.1", "-p", str(port),
-        ],
-        cwd=dagster_home,
-    )  # fmt: skip
-    api = subprocess.Popen(
-        [sys.executable, "-m", "marketdata_pipeline", "serve", "--port", str(api_port)]
-    )
+    server: SimulatorHTTPServer | None = None
+    children: list[subprocess.Popen[bytes]] = []
     # A service manager stops the UI with SIGTERM: shut down as on Ctrl-C. SIGINT is set
-    # again too: polars installs its own handler, which restarts the wait below, so a SIGINT
+    # again too: polars installs its own handler, which restarts the waits below, so a SIGINT
     # sent to this process alone (not from a terminal, to the group) changed nothing.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        dagster.wait()
+        url = embedded.warehouse_url(database)
+        with connection(url) as conn:
+            print_bootstrap(bootstrap(conn))
+        if on_embedded:
+            embedded.record_ui(database)  # other commands on this home now use this database
+        dagster_home = _dagster_instance(url, simulated)
+        server = _start_demo_simulator(splits) if simulated else None
+        _register_symbol_partitions(url)
+        ui_url = f"http://127.0.0.1:{port}"
+        os.environ.setdefault("MARKETDATA_UI_URL", ui_url)  # the alerts' links point here
+        click.echo(f"Dagster UI: {ui_url}  (warehouse {describe(url)})")
+        if on_embedded:
+            click.echo(
+                f"While it runs, `marketdata` commands with MARKETDATA_HOME="
+                f"{config.marketdata_home()} use the {database} database; psql: {url}"
+            )
+        # Each child leads a process group of its own (in this session), so that whatever
+        # it starts (the webserver, daemon and code servers of `dagster dev`) stops with it.
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable, "-m", "dagster", "dev",
+                    "-w", str(config.shipped_path("workspace.yaml")),
+                    "-h", "127.0.0.1", "-p", str(port),
+                ],
+                cwd=dagster_home,
+                process_group=0,
+            )
+        )  # fmt: skip
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable, "-m", "marketdata_pipeline", "serve",
+                    "--port", str(api_port), "--socket-fd", str(api_socket.fileno()),
+                ],
+                pass_fds=[api_socket.fileno()],
+                process_group=0,
+            )
+        )  # fmt: skip
+        api_socket.close()  # the API's process holds it now
+        _supervise(children)
     except KeyboardInterrupt:
-        _stop(dagster)
+        pass
     finally:
-        api.terminate()  # uvicorn shuts down on SIGTERM as on Ctrl-C, streams cut after 10 s
-        try:
-            api.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            api.kill()
+        _stop(children)
+        api_socket.close()
         if server:
             server.shutdown()
         embedded.forget_ui()
@@ -121,21 +141,40 @@ def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> Non
             click.echo("embedded PostgreSQL stopped")
 
 
+_NAMES = ("the Dagster UI (dagster dev)", "the read API (marketdata serve)")
+
+
+def _supervise(children: list[subprocess.Popen[bytes]]) -> None:
+    """Wait until Ctrl-C (KeyboardInterrupt) or until a child ends: `dagster dev` ends when its
+    webserver or daemon does (a port taken meanwhile, say), and a UI without one is no UI."""
+    while True:
+        for name, child in zip(_NAMES, children, strict=True):
+            code = child.poll()
+            if code is not None:
+                raise MarketdataError(
+                    f"{name} stopped (exit code {code}; its error is above): everything stopped"
+                )
+        time.sleep(0.5)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _stop(dagster: subprocess.Popen[bytes]) -> None:
-    """Let `dagster dev` stop its webserver and daemon: Ctrl-C reached it too; a SIGTERM
-    sent to this process alone did not, so it is passed on."""
-    try:
-        dagster.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        dagster.terminate()
-        try:
-            dagster.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            dagster.kill()
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the children and their process groups: SIGINT first (each shuts down cleanly on
+    it, as on Ctrl-C, which no longer reaches them from the terminal), SIGKILL after 30 s;
+    then anything of their groups still there (a code server left behind)."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 30
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
 
 
 def _dagster_instance(url: str, simulated: bool) -> Path:

@@ -25,7 +25,7 @@ from marketdata_pipeline.pipeline import (
     ingest_windows,
     new_days,
 )
-from marketdata_pipeline.polygon.client import PolygonError, PolygonUnavailable
+from marketdata_pipeline.polygon.client import PolygonClient, PolygonError, PolygonUnavailable
 from marketdata_pipeline.quality.calendars import last_complete_session
 from marketdata_pipeline.quality.coverage import (
     MAX_REJECTION_RATE,
@@ -312,12 +312,16 @@ class _Run:
         polygon: PolygonResource,
     ) -> None:
         self.context, self.spec, self.config, self.polygon = context, spec, config, polygon
-        self.source = polygon.source_label()
+        self.client: PolygonClient | None = None  # while materialize runs
         # By partition: a month fetched again (its bars came late) counts as its last outcome.
         self.summaries: dict[str, _Summary] = {}
         self.refused: dict[str, str] = {}
         self.failed: dict[str, str] = {}  # symbol -> error
         self.provider_down: str | None = None
+
+    @property
+    def source(self) -> str:
+        return self.polygon.source_label(synthetic=bool(self.client and self.client.synthetic))
 
     def materialize(
         self, warehouse: WarehouseResource
@@ -335,6 +339,7 @@ class _Run:
             self.polygon.client(warehouse.url()) as client,
             warehouse.connection(autocommit=True) as conn,
         ):
+            self.client = client
             if self.config.new_days_only:
                 through = last_complete_session(spec.market, clock.now())
                 plan = new_days(conn, spec.market, spec.timeframe, months, through)

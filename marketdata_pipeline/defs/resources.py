@@ -54,8 +54,10 @@ class PolygonResource(dg.ConfigurableResource):
         default=False, description="True when base_url is the offline simulator (synthetic bars)."
     )
 
-    def source_label(self) -> str:
-        if self.simulated:
+    def source_label(self, synthetic: bool = False) -> str:
+        """What the bars' metadata names as their source; `synthetic` when the client found
+        the simulator's header, whatever base_url and `simulated` say."""
+        if self.simulated or synthetic:
             return f"Polygon simulator at {self.base_url} (synthetic bars)"
         return f"Polygon at {self.base_url}"
 

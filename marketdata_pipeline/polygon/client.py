@@ -32,6 +32,8 @@ from marketdata_pipeline.errors import MarketdataError
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 50_000  # base bars per page, the provider's maximum
+# The header the offline simulator sends with every response: its bars are synthetic.
+SIMULATOR_HEADER = "X-Marketdata-Simulator"
 SPLITS_LIMIT = 1000  # splits per page, the provider's maximum
 MAX_SPLIT_PAGES = 20  # a ticker has a few splits: more pages than this is a runaway cursor
 _WIRE_SCHEMA = {
@@ -44,6 +46,9 @@ _WIRE_SCHEMA = {
     "vw": pl.Float64(),
     "n": pl.Int64(),
 }
+# The fast read takes `t` and `n` as floats: an Int64 read would truncate 1.5 to 1 and make an
+# integer beyond int64 null, quietly; as floats both show (checked in `_integral`), and every
+# integer that is exact in a float (below 2**53, every real `t` and `n`) is read exactly.
 _ENVELOPE_SCHEMA = pl.Schema(
     {
         "ticker": pl.String(),
@@ -51,9 +56,10 @@ _ENVELOPE_SCHEMA = pl.Schema(
         "adjusted": pl.Boolean(),
         "request_id": pl.String(),
         "next_url": pl.String(),
-        "results": pl.List(pl.Struct(_WIRE_SCHEMA)),
+        "results": pl.List(pl.Struct(_WIRE_SCHEMA | {"t": pl.Float64(), "n": pl.Float64()})),
     }
 )
+_EXACT_INTEGER = 2**53
 _WIRE_TO_BAR = {"t": "ts", "o": "open", "h": "high", "l": "low", "c": "close", "v": "volume"}
 _WIRE_TO_BAR |= {"vw": "vwap", "n": "trades"}
 _OK_STATUSES = ("OK", "DELAYED")
@@ -62,8 +68,8 @@ _GROUPED_PATHS = {
     Market.STOCK: "/v2/aggs/grouped/locale/us/market/stocks",
     Market.CRYPTO: "/v2/aggs/grouped/locale/global/market/crypto",
 }
-# An integer too long for int64 where an integer belongs: polars would make it null.
-_LONG_INTEGER = re.compile(rb'"[nt]"\s*:\s*-?\d{19}')
+# JSON's whitespace (RFC 8259): allowed around every token, and pretty-printed bodies have it.
+_JSON_WHITESPACE = b" \t\n\r"
 # String fields of an aggregates envelope: ticker, status, request_id, next_url.
 _ENVELOPE_STRINGS = 4
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -140,11 +146,15 @@ def decode_page(
     a `defects` entry naming it, and validation quarantines the bar. `request_id` (the
     X-Request-Id header) names the response when the body cannot.
     """
-    parsed = None
+    parsed, fast = None, None
     if not _suspect(content):
         # A body polars refuses is read below, value by value, to name what is wrong.
         with contextlib.suppress(pl.exceptions.PolarsError):
             parsed = pl.read_json(io.BytesIO(content), schema=_ENVELOPE_SCHEMA)
+    if parsed is not None and parsed.height == 1:
+        fast = _fast_bars(parsed)
+        if fast is None:  # a `t` or `n` that is not an integer: named below
+            parsed = None
     if parsed is not None:
         envelope = parsed.drop("results").row(0, named=True) if parsed.height == 1 else {}
         results = parsed["results"][0] if parsed.height == 1 else None
@@ -161,28 +171,44 @@ def decode_page(
     next_url = envelope.get("next_url")
     if results is None or len(results) == 0:
         return Page(empty_bars(), request_id, ticker, next_url)
-    if parsed is None:
-        frame = _strict_bars(results)
-    else:
-        frame = parsed.select(pl.col("results").explode()).unnest("results").rename(_WIRE_TO_BAR)
+    frame = _strict_bars(results) if fast is None else fast
     frame = frame.with_columns(pl.col("ts").cast(pl.Datetime("ms")).dt.replace_time_zone("UTC"))
-    columns = [*BAR_SCHEMA.names(), *(["defects"] if parsed is None else [])]
+    columns = [*BAR_SCHEMA.names(), *(["defects"] if fast is None else [])]
     return Page(frame.select(columns), request_id, ticker, next_url)
 
 
 def _suspect(content: bytes) -> bool:
     """Whether a body may hold a value polars' typed read would quietly coerce: a boolean
-    (beyond `adjusted`), a string (beyond the envelope's), NaN or Infinity, or an integer too
-    long for int64. Plain byte counts, a few ms for a 5 MB page: a false alarm only costs
-    the slower read."""
+    (beyond `adjusted`), a string (beyond the envelope's), NaN or Infinity. Plain byte
+    counts, a few ms for a 5 MB page: a false alarm only costs the slower read.
+
+    The counts need a value right after its colon, so a body with whitespace (`"o": true`,
+    pretty-printed) is counted without it. Removing it inside strings too can only add
+    matches, a false alarm; compact bodies, the provider's, pay four byte searches only."""
+    if any(space in content for space in (b" ", b"\n", b"\t", b"\r")):
+        content = content.translate(None, _JSON_WHITESPACE)
     booleans = content.count(b'":true') + content.count(b'":false')
     return (
         booleans > 1
         or content.count(b'":"') > _ENVELOPE_STRINGS
         or b"NaN" in content
         or b"Infinity" in content
-        or _LONG_INTEGER.search(content) is not None
     )
+
+
+def _fast_bars(parsed: pl.DataFrame) -> pl.DataFrame | None:
+    """The bars of a fast read, or None when a `t` or `n` is not an integer read exactly
+    (see `_ENVELOPE_SCHEMA`)."""
+    bars = parsed.select(pl.col("results").explode()).unnest("results")
+    exact = [
+        (pl.col(name).is_null() | ((pl.col(name) % 1 == 0) & (pl.col(name).abs() < _EXACT_INTEGER)))
+        .all()
+        .alias(name)
+        for name in ("t", "n")
+    ]
+    if bars.height and not all(bars.select(exact).row(0)):
+        return None
+    return bars.with_columns(pl.col("t", "n").cast(pl.Int64())).rename(_WIRE_TO_BAR)
 
 
 def _json_envelope(
@@ -270,6 +296,8 @@ class PolygonClient:
         self._secret = api_key or None
         self._limiter = rate_limiter
         self._retry = retry or RetryPolicy()
+        # Set by the first response from the simulator (its header), whatever the base URL.
+        self.synthetic = False
 
     def __repr__(self) -> str:
         return f"PolygonClient(base_url={self.base_url!r})"
@@ -469,6 +497,8 @@ class PolygonClient:
             response = self._http.get(target, params=params)
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as error:
             raise _Retryable(type(error).__name__) from None
+        if response.headers.get(SIMULATOR_HEADER):
+            self.synthetic = True
         status = response.status_code
         if status == 200:
             return response

@@ -48,7 +48,7 @@ import numpy as np
 from marketdata_pipeline.config import DEFAULT_SYMBOLS
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.polygon import synthetic_bars as synth
-from marketdata_pipeline.polygon.client import MAX_LIMIT
+from marketdata_pipeline.polygon.client import MAX_LIMIT, SIMULATOR_HEADER
 
 DEFAULT_LIMIT = 5_000
 REQUEST_LOG_SIZE = 10_000  # a long-running simulator keeps only the latest requests
@@ -69,6 +69,9 @@ PLANS = ("free", "unlimited")
 FREE_REQUESTS_PER_MINUTE = 5
 FREE_HISTORY_YEARS = 2
 ORDERS = ("asc", "desc", "shuffled")
+# How 200 bodies are spaced: compact as the provider sends them, pretty-printed (`"o": true`),
+# or with every kind of JSON whitespace around every token.
+SPACINGS = ("compact", "pretty", "odd")
 _MAX_MULTIPLIER = 10**9  # wider windows than the simulator's history change nothing
 _AGGS = re.compile(
     r"^/v2/aggs/ticker/(?P<ticker>[^/]+)/range/(?P<multiplier>[^/]+)/(?P<timespan>[^/]+)"
@@ -114,12 +117,16 @@ class Faults:
     repeat_cursor: bool = False  # every next_url repeats the first cursor: runaway paging
     empty_results: int = 0  # counted: a 200 OK without `results`, resultsCount 0
     wrong_types_every: int = 0  # every n-th bar has "o": true, the bar after it a huge "n"
+    boolean_every: int = 0  # every n-th bar has "o": true, and nothing else is wrong
     spike_every: int = 0  # every n-th bar's volume is multiplied by 200
     echo_key: bool = False  # 502 whose error text reflects the key presented
+    spacing: str = "compact"  # one of SPACINGS
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {self.order!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, not {self.spacing!r}")
 
 
 @dataclass(frozen=True)
@@ -476,6 +483,8 @@ def _break_bars(results: list[dict[str, object]], faults: Faults) -> None:
             bar["v"] = float(bar["v"]) * 200  # type: ignore[arg-type]
         if _every(i, faults.wrong_types_every):
             bar["o"] = True
+        if _every(i, faults.boolean_every):
+            bar["o"] = True
         if i and _every(i - 1, faults.wrong_types_every):
             bar["n"] = 100_000_000_000_000_000_000  # beyond int64
 
@@ -502,6 +511,7 @@ _PAGE_FAULTS = (
     "repeat_timestamp_every",
     "spike_every",
     "wrong_types_every",
+    "boolean_every",
     "late_every",
     "repeat_cursor",
 )
@@ -523,6 +533,16 @@ def _results_json(columns: dict[str, np.ndarray]) -> str:
 
 def _compact(body: dict[str, object]) -> str:
     return json.dumps(body, separators=(",", ":"))
+
+
+def _spaced(body: bytes, spacing: str) -> bytes:
+    """The same JSON, spaced as asked: valid either way, only whitespace differs."""
+    if spacing == "pretty":
+        return json.dumps(json.loads(body), indent=2).encode()
+    if spacing == "odd":
+        odd = json.dumps(json.loads(body), indent="\t", separators=(" ,\r\n ", " \n:\t"))
+        return f"\r\n {odd}\n\t".encode()
+    return body
 
 
 def _request_id(body: bytes) -> str:
@@ -707,6 +727,13 @@ class Simulator:
     # -- request handling ----------------------------------------------------------------
 
     def handle(self, raw_path: str, headers: dict[str, str]) -> Reply:
+        """The reply to one request, every one saying that it comes from the simulator: a
+        client then knows its bars are synthetic, whatever its base URL says."""
+        reply = self._answer(raw_path, headers)
+        reply.headers[SIMULATOR_HEADER] = "1"
+        return reply
+
+    def _answer(self, raw_path: str, headers: dict[str, str]) -> Reply:
         parts = urlsplit(raw_path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         with self._lock:
@@ -737,6 +764,7 @@ class Simulator:
         except _Refused as refusal:
             return refusal.reply
         request_id = _request_id(body)
+        body = _spaced(body, faults.spacing)
         if faults.truncated:
             body = body[: max(1, len(body) // 2)]
         return Reply(200, body, _headers(request_id))

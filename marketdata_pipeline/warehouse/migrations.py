@@ -26,6 +26,27 @@ SQL_DIR = shipped_path("sql")
 # Any constant works; it only has to differ from other advisory locks on the same database.
 MIGRATION_LOCK_KEY = 0x6D64_6D69_6772  # "mdmigr"
 _FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+?)(?:\.(timescaledb|postgres))?\.sql$")
+# Statements that end, open or split the file's transaction. The runner wraps each file in one
+# transaction with its ledger row: a COMMIT inside would make the part before it permanent and
+# unrecorded, so a later failure could never be retried. START is only START TRANSACTION.
+_TRANSACTION_CONTROL = frozenset(
+    ("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE")
+)
+# What the scan skips (comments, literals, quoted names, dollar-quoted bodies) and the words and
+# semicolons it reads. An unterminated literal runs to the end: PostgreSQL refuses it anyway.
+_SQL_TOKEN = re.compile(
+    r"""(?P<skip>\s+|--[^\n]*
+        |[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)
+        |'(?:[^']|'')*(?:'|\Z)
+        |"(?:[^"]|"")*(?:"|\Z))
+    |(?P<comment>/\*)
+    |(?P<dollar>\$(?:[^\W\d]\w*)?\$)
+    |(?P<word>[^\W\d][\w$]*)
+    |(?P<end>;)
+    |(?P<other>.)""",
+    re.VERBOSE | re.DOTALL,
+)
+_BLOCK_COMMENT_MARK = re.compile(r"/\*|\*/")
 
 _CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -121,6 +142,9 @@ def migrate(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
         conn.execute(_CREATE_LEDGER)
         done = {m.version: m for m in applied(conn)}
         _refuse_edited(migrations, done)
+        for migration in migrations:  # all checked before any is applied
+            if migration.version not in done:
+                _refuse_transaction_control(migration)
         names = []
         for migration in migrations:
             if migration.version in done:
@@ -152,6 +176,62 @@ def _refuse_edited(migrations: list[Migration], done: dict[int, AppliedMigration
                 f"(checksum {record.checksum[:12]} applied, {current.checksum[:12]} on disk); "
                 "add a new migration instead"
             )
+
+
+def _refuse_transaction_control(migration: Migration) -> None:
+    found = transaction_control(migration.path.read_text())
+    if found:
+        word, line = found
+        raise MigrationError(
+            f"migration {migration.name} controls its own transaction ({word} on line {line}): "
+            "the runner applies each file in one transaction with its ledger row; remove it"
+        )
+
+
+def transaction_control(text: str) -> tuple[str, int] | None:
+    """The first statement of `text` that begins, ends or splits a transaction, as (its first
+    word, its line), or None. Words inside comments, literals, quoted names and dollar-quoted
+    bodies are not statements; neither are the statements of a BEGIN ATOMIC function body."""
+    at_start, previous, atomic = True, "", 0
+    position = 0
+    while position < len(text):
+        token = _SQL_TOKEN.match(text, position)
+        assert token is not None  # `other` matches any character
+        kind, position = token.lastgroup, token.end()
+        if kind == "comment":
+            position = _end_of_block_comment(text, position)
+        elif kind == "dollar":
+            closing = text.find(token.group(), position)
+            position = len(text) if closing < 0 else closing + len(token.group())
+        elif kind == "end":
+            at_start = atomic == 0
+            previous = ""
+        elif kind == "word":
+            word = token.group().upper()
+            if at_start and word in _TRANSACTION_CONTROL:
+                return word, text.count("\n", 0, token.start()) + 1
+            if atomic and word == "CASE":
+                atomic += 1
+            elif atomic and word == "END":
+                atomic -= 1
+            elif previous == "BEGIN" and word == "ATOMIC":
+                atomic = 1  # a function body whose semicolons end its own statements
+            at_start, previous = False, word
+        elif kind == "other":
+            at_start = False
+    return None
+
+
+def _end_of_block_comment(text: str, position: int) -> int:
+    """Where the /* comment opened before `position` ends (they nest in PostgreSQL)."""
+    depth = 1
+    while depth:
+        found = _BLOCK_COMMENT_MARK.search(text, position)
+        if found is None:
+            return len(text)
+        depth += 1 if found.group() == "/*" else -1
+        position = found.end()
+    return position
 
 
 def _apply(conn: psycopg.Connection, migration: Migration) -> None:
