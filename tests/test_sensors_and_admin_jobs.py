@@ -422,7 +422,7 @@ def test_a_status_event_the_warehouse_refused_is_written_by_the_next_tick(
         read_only = f'ALTER DATABASE "{name}" SET default_transaction_read_only = '
         conn.execute(read_only + "on")  # each new session of the sensor is read-only
     context = dg.build_sensor_context(instance=instance, cursor=None, resources=RESOURCES)
-    with pytest.raises(StatusNotWritten, match="retried next tick: .*read-only transaction"):
+    with pytest.raises(StatusNotWritten, match=r"retried next tick: .*read-only transaction"):
         backfill_status_sensor(context)
     assert context.cursor is None, "the cursor did not pass the unwritten events"
     assert state_rows(url) == []
