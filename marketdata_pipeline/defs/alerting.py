@@ -24,7 +24,7 @@ from marketdata_pipeline.config import AlertSettings
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS
 from marketdata_pipeline.defs.checks import FRESHNESS
 from marketdata_pipeline.defs.resources import WarehouseResource
-from marketdata_pipeline.defs.sensors import run_status_events
+from marketdata_pipeline.defs.sensors import run_failure_message, run_status_events
 from marketdata_pipeline.errors import first_line
 
 BARS_ASSET_KEYS = frozenset(dg.AssetKey(spec.name) for spec in ALL_BARS_ASSETS)
@@ -119,7 +119,7 @@ def _run_failure_reason(instance: dg.DagsterInstance, run_id: str, message: str 
         error = event.step_failure_data.error if event and event.step_failure_data else None
         if error is not None:
             return _error_text(error.message, error.cls_name)
-    return first_line(message, "the run failed")
+    return first_line(run_failure_message(instance, run_id, message), "the run failed")
 
 
 def failed_run_alert(

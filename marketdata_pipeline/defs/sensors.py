@@ -332,7 +332,24 @@ def _failure_message(instance: dg.DagsterInstance, run_id: str, event: dg.EventL
         error = getattr(step_event.event_specific_data, "error", None) if step_event else None
         if error is not None:
             return error.message.strip().splitlines()[0][:500]
-    return (event.message or "run failed")[:500]
+    return run_failure_message(instance, run_id, event.message)[:500]
+
+
+OUTSIDE_FAILURE = "This run has been marked as failed from outside the execution context."
+
+
+def run_failure_message(instance: dg.DagsterInstance, run_id: str, message: str | None) -> str:
+    """A run failure's message; for a run failed from outside (its worker process died and
+    the code server noticed), the engine's word on how its process ended instead."""
+    if message and message.startswith(OUTSIDE_FAILURE):
+        engine = instance.get_records_for_run(
+            run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, ascending=False, limit=10
+        ).records
+        for record in engine:
+            said = record.event_log_entry.message
+            if said and "Run execution process" in said:
+                return said.removeprefix("[DagsterApiServer] ")
+    return message or "run failed"
 
 
 def _int(value: object) -> int | None:
