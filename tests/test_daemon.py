@@ -123,6 +123,14 @@ def test_check_daemon_alerts_once_when_the_heartbeats_stop_and_once_when_back(
 def test_check_daemon_holds_its_alert_until_a_channel_is_set(
     dagster_home, capsys, monkeypatch
 ) -> None:
+    with monkeypatch.context() as unset:
+        unset.delenv("DAGSTER_HOME")
+        code, said = check_daemon(capsys)
+        assert (code, said) == (
+            1,
+            "marketdata: error: DAGSTER_HOME is not set: set it (and what its dagster.yaml "
+            "reads, DAGSTER_PG_URL) as for the Dagster daemon\n",
+        )
     code, said = check_daemon(capsys)
     assert code == 1
     assert said.rstrip().endswith("1 alert (daemon_down) held until a channel is set"), said
