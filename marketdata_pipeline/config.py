@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +21,19 @@ DEFAULT_HISTORY_START = date(2020, 1, 1)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def now() -> datetime:
+    """The one clock of the alerts: MARKETDATA_NOW (an ISO 8601 time, for tests and drills)
+    when set, else the system's, in UTC."""
+    raw = os.environ.get("MARKETDATA_NOW")
+    if not raw:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ConfigError(f"MARKETDATA_NOW must be an ISO 8601 time, got {raw[:40]!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+
+
 def shipped_path(name: str) -> Path:
     """A file or folder kept at the project's top level and shipped in the wheel (`sql`,
     `dagster.yaml`): inside the package when installed, beside it in a source checkout."""
@@ -30,6 +43,11 @@ def shipped_path(name: str) -> Path:
 
 def marketdata_home() -> Path:
     return Path(os.environ.get("MARKETDATA_HOME") or ".marketdata").resolve()
+
+
+def dagster_home() -> str | None:
+    """The Dagster instance's home (DAGSTER_HOME), as the daemon and the UI have it."""
+    return os.environ.get("DAGSTER_HOME") or None
 
 
 def database_url() -> str | None:

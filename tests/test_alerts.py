@@ -12,6 +12,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,9 +27,10 @@ from marketdata_pipeline import alerts, config
 from marketdata_pipeline.alerts import Alert, AlertKind
 from marketdata_pipeline.config import AlertSettings, SmtpSettings
 from marketdata_pipeline.defs.admin_jobs import remove_symbol
-from marketdata_pipeline.defs.alerting import check_alerts, failed_bars_run_alerts, warehouse_alerts
+from marketdata_pipeline.defs.alerting import check_alerts, failed_run_alerts, warehouse_alerts
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, bars_assets
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.defs.splits import stock_splits
 from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
 from marketdata_pipeline.warehouse import connection as db
@@ -51,6 +53,7 @@ ALERT_VARIABLES = (
     "MARKETDATA_ALERT_EMAIL_FROM",
     "MARKETDATA_ALERT_EMAIL_TO",
     "MARKETDATA_UI_URL",
+    "MARKETDATA_NOW",
 )
 ASSETS = {a.key.path[-1]: a for a in bars_assets}
 FRESHNESS = {spec.name: spec.freshness_check_key for spec in ALL_BARS_ASSETS}
@@ -60,7 +63,9 @@ TICKS: list[str] = []  # what every sensor evaluation of this module said
 alerts_received: Counter[str] = Counter()
 tests_counted: set[str] = set()
 EXPECTED_PER_TEST = {
-    "test_a_failed_bars_run_alerts_once_with_a_link_to_the_run": {"failed_run": 1},
+    "test_a_failed_run_of_any_job_alerts_once_with_a_link_to_the_run": {"failed_run": 3},
+    "test_an_alert_due_while_no_channel_was_set_is_sent_once_a_channel_is": {"failed_run": 1},
+    "test_a_failed_channel_gets_the_alert_next_tick_and_the_other_not_twice": {"failed_run": 1},
     "test_a_failed_error_check_alerts_once_with_a_link_to_the_asset": {"failed_check": 1},
     "test_a_stale_asset_alerts_once_until_its_freshness_passes_again": {"stale_asset": 2},
     "test_an_unreachable_warehouse_alerts_once_and_once_when_back": {
@@ -262,14 +267,7 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records]
 
 
-def test_a_failed_bars_run_alerts_once_with_a_link_to_the_run(
-    warehouse_url, instance, configured, caplog, request
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    webhook, mailbox = configured
-    said, cursor = tick(failed_bars_run_alerts, instance, None)  # starts after past failures
-    failed = materialize(instance, "stock_daily_bars", "2024-01-01|AAPL", closed_port_url())
-    assert not failed.success
+def fail_admin_run(instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
     admin = (
         dg.Definitions(jobs=[remove_symbol], resources={"warehouse": WarehouseResource()})
         .get_job_def("remove_symbol")
@@ -280,20 +278,50 @@ def test_a_failed_bars_run_alerts_once_with_a_link_to_the_run(
         )
     )
     assert not admin.success
+    return admin
 
-    said, cursor = tick(failed_bars_run_alerts, instance, cursor)
-    assert said == f"run {failed.run_id} failed: sent 1 alert (failed_run) to webhook, email"
-    said, cursor = tick(failed_bars_run_alerts, instance, cursor)
-    assert said == f"run {admin.run_id} (remove_symbol) is not a bars run: no alert"
-    said, cursor = tick(failed_bars_run_alerts, instance, cursor)  # nothing new
+
+def test_a_failed_run_of_any_job_alerts_once_with_a_link_to_the_run(
+    warehouse_url, instance, configured, caplog, request
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    webhook, mailbox = configured
+    said, cursor = tick(failed_run_alerts, instance, None)  # starts after past failures
+    assert said == "started: runs failing from now on are alerted"
+    failed = materialize(instance, "stock_daily_bars", "2024-01-01|AAPL", closed_port_url())
+    assert not failed.success
+    admin = fail_admin_run(instance)
+    splits = dg.materialize(
+        [stock_splits],
+        instance=instance,
+        partition_key="AAPL",
+        resources={
+            "warehouse": WarehouseResource(),
+            "polygon": PolygonResource(base_url=closed_port_url(), retry_attempts=1),
+        },
+        raise_on_error=False,
+    )
+    assert not splits.success
+
+    said, cursor = tick(failed_run_alerts, instance, cursor)
+    assert (
+        said == "3 run(s) failed since the last tick: sent 3 alerts (failed_run) to webhook, email"
+    )
+    said, cursor = tick(failed_run_alerts, instance, cursor)
+    assert said == "no run failed since the last tick"
 
     labels = received(webhook, mailbox)
-    assert labels == ["failed_run"]
-    [text] = webhook.texts()
-    assert text.splitlines()[0] == "Bars run failed: stock_daily_bars"
-    assert "partition 2024-01-01|AAPL" in text
-    assert f"{UI_URL}/runs/{failed.run_id}" in text.splitlines()
-    [message] = mailbox.messages
+    assert labels == ["failed_run"] * 3
+    bars, removal, split = webhook.texts()
+    assert bars.splitlines()[0] == "Bars run failed: stock_daily_bars"
+    assert "partition 2024-01-01|AAPL" in bars
+    assert f"{UI_URL}/runs/{failed.run_id}" in bars.splitlines()
+    assert removal.splitlines()[0] == "Run failed: remove_symbol"
+    assert f"Run {admin.run_id} (remove_symbol) failed: " in removal and "NOPE" in removal
+    assert removal.splitlines()[-1] == f"{UI_URL}/runs/{admin.run_id}"
+    assert split.splitlines()[0] == "Run failed: __ephemeral_asset_job__"
+    assert "partition AAPL) failed: stock_splits: 1 symbol(s) failed (AAPL)" in split
+    message = mailbox.messages[0]
     assert message["To"] == "oncall@example.com, data@example.com"
     body = message.get_body()
     assert body is not None
@@ -305,6 +333,62 @@ def test_a_failed_bars_run_alerts_once_with_a_link_to_the_run(
     assert content.rstrip().endswith(f"{UI_URL}/runs/{failed.run_id}")
     assert_no_secret(*TICKS, *webhook.texts(), message.as_string(), *all_logs(caplog))
     count(request, labels)
+
+
+def test_an_alert_due_while_no_channel_was_set_is_sent_once_a_channel_is(
+    warehouse_url, instance, webhook, mailbox, monkeypatch, request
+) -> None:
+    box, _ = mailbox
+    _, cursor = tick(failed_run_alerts, instance, None)
+    admin = fail_admin_run(instance)
+    said, cursor = tick(failed_run_alerts, instance, cursor)
+    assert said == (
+        "1 run(s) failed since the last tick: alerts not configured: "
+        "1 alert (failed_run) held until a channel is set"
+    )
+    said, cursor = tick(failed_run_alerts, instance, cursor)  # still held, nothing new
+    assert said.endswith("1 alert (failed_run) held until a channel is set")
+
+    # The webhook is configured ten minutes later: the next tick sends the held alert, once.
+    monkeypatch.setenv("MARKETDATA_ALERT_WEBHOOK_URL", webhook.url)
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    monkeypatch.setenv("MARKETDATA_NOW", later.isoformat())
+    said, cursor = tick(failed_run_alerts, instance, cursor)
+    assert said == "0 run(s) failed since the last tick: sent 1 alert (failed_run) to webhook"
+    said, cursor = tick(failed_run_alerts, instance, cursor)
+    assert said == "no run failed since the last tick"
+    [text] = webhook.texts()
+    assert text.splitlines()[0] == "Run failed: remove_symbol"
+    assert f"Run {admin.run_id} (remove_symbol) failed: " in text
+    assert "held until a channel took it)" in text.splitlines()[-2]
+    assert text.splitlines()[-1] == f"{config.DEFAULT_UI_URL}/runs/{admin.run_id}"
+    assert box.messages == []
+    count(request, ["failed_run"])
+
+
+def test_a_failed_channel_gets_the_alert_next_tick_and_the_other_not_twice(
+    warehouse_url, instance, configured, request
+) -> None:
+    webhook, mailbox = configured
+    _, cursor = tick(failed_run_alerts, instance, None)
+    admin = fail_admin_run(instance)
+    webhook.status = 404  # not retried within the tick
+    said, cursor = tick(failed_run_alerts, instance, cursor)
+    assert said == (
+        "1 run(s) failed since the last tick: sent 1 alert (failed_run) to email; "
+        "webhook failed 1 of 1: HTTP 404 Not Found: no [hidden]; 1 held for the next tick"
+    )
+    webhook.status = 200
+    said, cursor = tick(failed_run_alerts, instance, cursor)
+    assert said == "0 run(s) failed since the last tick: sent 1 alert (failed_run) to webhook"
+    said, cursor = tick(failed_run_alerts, instance, cursor)
+    assert said == "no run failed since the last tick"
+    assert len(webhook.posts) == 2, "the failed post and the one that took it"
+    assert mailbox.labels() == ["failed_run"], "the email channel got it once"
+    assert webhook.texts()[0] == webhook.texts()[1]
+    assert f"Run {admin.run_id} (remove_symbol) failed: " in webhook.texts()[1]
+    assert_no_secret(*TICKS)
+    count(request, ["failed_run"])
 
 
 def test_a_failed_error_check_alerts_once_with_a_link_to_the_asset(
@@ -388,6 +472,35 @@ def test_a_stale_asset_alerts_once_until_its_freshness_passes_again(
     count(request, labels)
 
 
+def test_a_long_list_is_cut_between_symbols_with_the_count_left_out(
+    warehouse_url, instance, configured
+) -> None:
+    webhook, _ = configured
+    with db.connection(warehouse_url) as conn:
+        bootstrap(conn)  # 17 stock and ETF symbols, none with bars: all stale
+    _, cursor = tick(check_alerts, instance, None)
+    assert not run_freshness(instance, "stock_daily_bars")
+    said, cursor = tick(check_alerts, instance, cursor)
+    assert said.endswith("sent 1 alert (stale_asset) to webhook, email"), said
+    [line] = [line for line in webhook.texts()[0].splitlines() if line.startswith("stale: ")]
+    listed, more = line.removeprefix("stale: ").split(" ... and ")
+    symbols = listed.split(", ")
+    assert all(re.fullmatch(r"[A-Z]+ \(no bars\)", symbol) for symbol in symbols), line
+    assert "stale_symbols: 17" in webhook.texts()[0].splitlines()
+    assert more == f"{17 - len(symbols)} more" and len(symbols) < 17
+    assert len(line) <= len("stale: ") + 200 + len(" ... and 17 more")
+
+
+def test_shorten_cuts_at_an_item_or_a_word_and_counts_the_rest() -> None:
+    assert alerts.shorten("short enough", 20) == "short enough"
+    names = ", ".join(f"SYM{i}" for i in range(30))
+    assert alerts.shorten(names, 20) == "SYM0, SYM1, SYM2 ... and 27 more"
+    prose = "the run worker process exited unexpectedly with a signal " * 10
+    cut = alerts.shorten(prose, 40)
+    assert cut == "the run worker process exited ... and 85 more words"
+    assert alerts.shorten("x" * 50, 10) == "xxxxxxxxxx... and 40 more characters"
+
+
 def test_an_unreachable_warehouse_alerts_once_and_once_when_back(
     database_url, instance, configured, monkeypatch, caplog, request
 ) -> None:
@@ -425,19 +538,19 @@ def test_nothing_configured_sends_nothing_and_the_ticks_say_so(
     warehouse_url, instance, webhook, mailbox, monkeypatch
 ) -> None:
     box, _ = mailbox
-    _, cursor = tick(failed_bars_run_alerts, instance, None)
+    _, cursor = tick(failed_run_alerts, instance, None)
     failed = materialize(instance, "stock_daily_bars", "2024-01-01|AAPL", closed_port_url())
     assert not failed.success
-    said, _ = tick(failed_bars_run_alerts, instance, cursor)
+    said, _ = tick(failed_run_alerts, instance, cursor)
     assert said == (
-        f"run {failed.run_id} failed: alerts not configured: nothing sent "
-        "(1 alert (failed_run) due)"
+        "1 run(s) failed since the last tick: alerts not configured: "
+        "1 alert (failed_run) held until a channel is set"
     )
     monkeypatch.setenv("DATABASE_URL", f"postgresql://u:{DB_PASSWORD}@127.0.0.1:{free_port()}/x")
     said, _ = tick(warehouse_alerts, instance, None, warehouse=WarehouseResource())
     assert said == (
-        "Warehouse unreachable: alerts not configured: nothing sent "
-        "(1 alert (warehouse_unreachable) due)"
+        "Warehouse unreachable: alerts not configured: "
+        "1 alert (warehouse_unreachable) held until a channel is set"
     )
     assert webhook.posts == [] and box.messages == []
     assert_no_secret(*TICKS)
@@ -458,7 +571,7 @@ def test_a_failing_channel_is_one_line_that_names_it_and_hides_its_secret(
     assert report.summary() == (
         "1 alert (failed_run) not sent; webhook failed 1 of 1: HTTP 404 Not Found: "
         "no [hidden]; email failed 1 of 1: SMTPAuthenticationError: "
-        "(535, b'5.7.8 Authentication credentials invalid')"
+        "(535, b'5.7.8 Authentication credentials invalid'); 1 held for the next tick"
     )
     nobody = alerts.send(
         [alert],
@@ -476,7 +589,7 @@ def test_a_failing_channel_is_one_line_that_names_it_and_hides_its_secret(
     half = alerts.send([alert, alert], AlertSettings(webhook.url, wrong_password, UI_URL))
     assert half.summary() == (
         "sent 2 alerts (failed_run) to webhook; email failed 2 of 2: SMTPAuthenticationError: "
-        "(535, b'5.7.8 Authentication credentials invalid')"
+        "(535, b'5.7.8 Authentication credentials invalid'); 2 held for the next tick"
     )
     assert box.messages == []
     httpx_logs = [r.getMessage() for r in caplog.records if r.name == "httpx"]

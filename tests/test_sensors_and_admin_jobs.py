@@ -22,6 +22,7 @@ from marketdata_pipeline.defs.admin_jobs import (
 )
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.sensors import (
+    StatusNotWritten,
     backfill_status_sensor,
     symbol_registry_sensor,
     window_states,
@@ -419,3 +420,31 @@ def test_revoke_key_job_with_an_id_beyond_bigint_fails_with_one_line(url, instan
     message = step_failure(result)
     assert "no API key with id 99999999999999999999" in message, message
     assert "NumericValueOutOfRange" not in message
+
+
+def test_a_status_event_the_warehouse_refused_is_written_by_the_next_tick(
+    url, instance, server
+) -> None:
+    """A failover leaves the warehouse read-only for a tick: the status of the runs of that
+    tick is not lost, the next tick writes it."""
+    sync(instance)
+    assert materialize(instance, server, "stock_daily_bars", key="2024-01-01|AAPL").success
+    with db.connection(url, autocommit=True) as conn:
+        [(name,)] = conn.execute("SELECT current_database()").fetchall()
+        read_only = f'ALTER DATABASE "{name}" SET default_transaction_read_only = '
+        conn.execute(read_only + "on")  # each new session of the sensor is read-only
+    context = dg.build_sensor_context(instance=instance, cursor=None, resources=RESOURCES)
+    with pytest.raises(StatusNotWritten, match=r"retried next tick: .*read-only transaction"):
+        backfill_status_sensor(context)
+    assert context.cursor is None, "the cursor did not pass the unwritten events"
+    assert state_rows(url) == []
+    with db.connection(url, autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = off")  # this session can undo it
+        conn.execute(read_only + "off")
+
+    cursor = evaluate_status_sensor(instance, context.cursor)
+    assert TICKS[-1].startswith("2 run event(s) read, 2 of bars runs: 2 write(s)"), TICKS[-1]
+    assert [(r[1], str(r[2]), r[3]) for r in state_rows(url)] == [
+        ("AAPL", "2024-01-01", "completed")
+    ]
+    assert evaluate_status_sensor(instance, cursor) == cursor

@@ -8,6 +8,7 @@ import sys
 import click
 import psycopg
 
+from marketdata_pipeline.cli.alerts import alerts_group
 from marketdata_pipeline.cli.db import bootstrap_command, db_group
 from marketdata_pipeline.cli.keys import keys_group
 from marketdata_pipeline.cli.serve import serve_command
@@ -38,6 +39,7 @@ for command in (
     simulator_command,
     serve_command,
     ui_command,
+    alerts_group,
 ):
     cli.add_command(command)
 

@@ -1,20 +1,30 @@
-"""Sensors that alert the operator (marketdata_pipeline.alerts sends): a failed bars run, a
-failed ERROR check, an asset gone stale, an unreachable warehouse; each once."""
+"""Sensors that alert the operator (marketdata_pipeline.alerts sends): a failed run of any
+job, a failed sensor or schedule tick, a failed ERROR check, an asset gone stale, an
+unreachable warehouse; each once. Each sensor holds the alerts that no channel took yet in its
+cursor (in the Dagster instance, so any daemon of the deployment sees them) and sends them on
+its next ticks, once a channel is configured or the failed channel answers again."""
 
 import json
 import logging
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 import dagster as dg
+from dagster._core.scheduler.instigation import (  # the instance's tick records
+    InstigatorState,
+    InstigatorTick,
+    InstigatorType,
+    TickStatus,
+)
 
 from marketdata_pipeline import alerts, config
 from marketdata_pipeline.alerts import Alert, AlertKind
+from marketdata_pipeline.config import AlertSettings
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS
 from marketdata_pipeline.defs.checks import FRESHNESS
 from marketdata_pipeline.defs.resources import WarehouseResource
-from marketdata_pipeline.defs.sensors import run_status_events
+from marketdata_pipeline.defs.sensors import run_failure_message, run_status_events
 from marketdata_pipeline.errors import first_line
 
 BARS_ASSET_KEYS = frozenset(dg.AssetKey(spec.name) for spec in ALL_BARS_ASSETS)
@@ -31,6 +41,9 @@ FINISHED_RUN_EVENTS: tuple[
     dg.DagsterEventType.RUN_CANCELED,
 )
 METADATA_SHOWN = 6
+VALUE_SHOWN = 200  # characters of a metadata value in an alert (cut between items or words)
+TEXT_SHOWN = 2000  # characters of an error in an alert
+TICKS_READ = 25  # newest ticks read per sensor or schedule each time
 
 
 def run_link(ui_url: str, run_id: str) -> str:
@@ -79,42 +92,90 @@ def _log_failures(log: logging.Logger, report: alerts.Report) -> None:
         log.error(f"alert not delivered: {failure}")
 
 
-@dg.run_failure_sensor(
-    minimum_interval_seconds=10,
+def _state(context: dg.SensorEvaluationContext) -> dict[str, Any] | None:
+    return json.loads(context.cursor) if context.cursor else None
+
+
+def _deliver(
+    context: dg.SensorEvaluationContext,
+    state: dict[str, Any],
+    due: list[Alert],
+    settings: AlertSettings,
+) -> alerts.Report:
+    """Send what the sensor held and what fell due now; keep in its cursor what no channel or
+    not every channel took (state["pending"])."""
+    now = config.now()
+    pending = [*alerts.held(state.get("pending")), *(alerts.Pending(a, now) for a in due)]
+    report, still = alerts.deliver(pending, settings)
+    _log_failures(context.log, report)
+    context.update_cursor(json.dumps({**state, "pending": alerts.to_hold(still)}))
+    return report
+
+
+def _run_failure_reason(instance: dg.DagsterInstance, run_id: str, message: str | None) -> str:
+    steps = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    for record in steps:
+        event = record.event_log_entry.dagster_event
+        error = event.step_failure_data.error if event and event.step_failure_data else None
+        if error is not None:
+            return _error_text(error.message, error.cls_name)
+    return first_line(run_failure_message(instance, run_id, message), "the run failed")
+
+
+def failed_run_alert(
+    instance: dg.DagsterInstance, event: dg.EventLogEntry, ui_url: str
+) -> Alert | None:
+    run = instance.get_run_by_id(event.run_id)
+    if run is None:  # deleted since
+        return None
+    assets = bars_assets_of(instance, run)
+    reason = _run_failure_reason(instance, run.run_id, event.message)
+    return Alert(
+        AlertKind.FAILED_RUN,
+        title=f"Bars run failed: {', '.join(assets)}" if assets else f"Run failed: {run.job_name}",
+        text=alerts.shorten(
+            f"Run {run.run_id} ({run.job_name}{_partitions(run)}) failed: {reason}", TEXT_SHOWN
+        ),
+        link=run_link(ui_url, run.run_id),
+    )
+
+
+@dg.sensor(
+    minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Alerts the operator (webhook and/or email, see README: Alerts) once for each "
-    "failed run that materializes a bars asset (refresh jobs and backfills), with the "
-    "failure and a link to the run. Other runs' failures are noted in the tick, not alerted.",
+    "failed run of any job (bars refreshes and backfills, stock_splits, the admin and "
+    "freshness jobs; a run failed by run monitoring too), with the failure and a link to the "
+    "run. Alerts no channel took are held and sent on its next ticks.",
 )
-def failed_bars_run_alerts(context: dg.RunFailureSensorContext) -> dg.SkipReason:
-    run = context.dagster_run
-    # Dagster hands this sensor one failed run per tick when it answers with a SkipReason;
-    # the answer is the tick's record in the UI.
-    assets = bars_assets_of(context.instance, run)
-    if not assets:
-        return dg.SkipReason(f"run {run.run_id} ({run.job_name}) is not a bars run: no alert")
+def failed_run_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    # A plain sensor over the instance's run failures rather than a run_failure_sensor: that
+    # one is evaluated only when a run fails, so held alerts would wait for the next failure.
+    state = _state(context)
+    if state is None:  # alerts cover what happens from now on, not the history
+        latest = _latest_run_event(context.instance, (dg.DagsterEventType.RUN_FAILURE,))
+        context.update_cursor(json.dumps({"after": latest, "pending": []}))
+        return dg.SkipReason("started: runs failing from now on are alerted")
+    events, state["after"] = run_status_events(
+        context.instance, (dg.DagsterEventType.RUN_FAILURE,), state["after"]
+    )
     settings = config.alert_settings()
-    steps = context.get_step_failure_events()
-    error = steps[0].step_failure_data.error if steps else None
-    reason = (
-        _error_text(error.message, error.cls_name)
-        if error
-        else first_line(context.failure_event.message, "the run failed")
-    )
-    alert = Alert(
-        AlertKind.FAILED_RUN,
-        title=f"Bars run failed: {', '.join(assets)}",
-        text=f"Run {run.run_id} ({run.job_name}{_partitions(run)}) failed: {reason}",
-        link=run_link(settings.ui_url, run.run_id),
-    )
-    report = alerts.send([alert], settings)
-    _log_failures(context.log, report)
-    return dg.SkipReason(f"run {run.run_id} failed: {report.summary()}")
+    due = [
+        alert
+        for record in events
+        if (alert := failed_run_alert(context.instance, record.event_log_entry, settings.ui_url))
+    ]
+    report = _deliver(context, state, due, settings)
+    if not report.alerts:
+        return dg.SkipReason("no run failed since the last tick")
+    return dg.SkipReason(f"{len(events)} run(s) failed since the last tick: {report.summary()}")
 
 
-def _latest_finished_run_event(instance: dg.DagsterInstance) -> int:
+def _latest_run_event(
+    instance: dg.DagsterInstance, kinds: tuple[dg.DagsterEventType, ...] = FINISHED_RUN_EVENTS
+) -> int:
     latest = 0
-    for kind in FINISHED_RUN_EVENTS:
+    for kind in kinds:
         records = instance.fetch_run_status_changes(kind, limit=1, ascending=False).records
         if records:
             latest = max(latest, records[0].storage_id)
@@ -123,7 +184,7 @@ def _latest_finished_run_event(instance: dg.DagsterInstance) -> int:
 
 def _metadata_text(evaluation: dg.AssetCheckEvaluation) -> str:
     shown = [
-        f"{name}: {str(getattr(value, 'value', value))[:200]}"
+        f"{name}: {alerts.shorten(str(getattr(value, 'value', value)), VALUE_SHOWN)}"
         for name, value in list(evaluation.metadata.items())[:METADATA_SHOWN]
     ]
     return "\n".join(shown)
@@ -163,15 +224,13 @@ def _check_alert(
 def check_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     if not context.cursor:  # alerts cover what happens from now on, not the history
         context.update_cursor(
-            json.dumps({"after": _latest_finished_run_event(context.instance), "stale": []})
+            json.dumps({"after": _latest_run_event(context.instance), "stale": []})
         )
         return dg.SkipReason("started: check results of runs finishing from now on are alerted")
     state = json.loads(context.cursor)
     stale: set[str] = set(state["stale"])
     events, newest = run_status_events(context.instance, FINISHED_RUN_EVENTS, state["after"])
     run_ids = [event.event_log_entry.run_id for event in events]
-    if not run_ids:
-        return dg.SkipReason("no run finished since the last tick")
     settings = config.alert_settings()
     found: list[tuple[float, str, dg.AssetCheckEvaluation]] = []
     for run_id in run_ids:
@@ -193,9 +252,10 @@ def check_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
                 due.append(_check_alert(settings.ui_url, run_id, evaluation, AlertKind.STALE_ASSET))
         elif not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
             due.append(_check_alert(settings.ui_url, run_id, evaluation, AlertKind.FAILED_CHECK))
-    report = alerts.send(due, settings)
-    _log_failures(context.log, report)
-    context.update_cursor(json.dumps({"after": newest, "stale": sorted(stale)}))
+    state.update(after=newest, stale=sorted(stale))
+    report = _deliver(context, state, due, settings)
+    if not run_ids and not report.alerts:
+        return dg.SkipReason("no run finished since the last tick")
     return dg.SkipReason(
         f"{len(run_ids)} finished run(s), {len(found)} check result(s) read: {report.summary()}"
     )
@@ -225,8 +285,9 @@ def _database_passwords() -> list[str]:
 def warehouse_alerts(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource
 ) -> dg.SkipReason:
-    down_since = json.loads(context.cursor).get("unreachable_since") if context.cursor else None
-    now = datetime.now(UTC)
+    state = _state(context) or {}
+    down_since = state.get("unreachable_since")
+    now = config.now()
     try:
         with warehouse.connection() as conn:
             conn.execute("SELECT 1")
@@ -235,33 +296,107 @@ def warehouse_alerts(
     # embedded server not starting) means the pipeline cannot reach its warehouse.
     except Exception as error:
         problem = alerts.redact(first_line(str(error), type(error).__name__), _database_passwords())
-    if problem is None and down_since is None:
-        context.update_cursor(json.dumps({}))
-        return dg.SkipReason("warehouse reachable")
-    if problem is not None and down_since is not None:
-        return dg.SkipReason(f"warehouse still unreachable (alerted {down_since}): {problem}")
     settings = config.alert_settings()
     link = _sensor_link(context, settings.ui_url)
-    if problem is not None:
-        alert = Alert(
-            AlertKind.WAREHOUSE_UNREACHABLE,
-            title="Warehouse unreachable",
-            text=f"{problem}\nBars runs, checks and sensors fail until it is back.",
-            link=link,
+    due: list[Alert] = []
+    if problem is not None and down_since is None:
+        due.append(
+            Alert(
+                AlertKind.WAREHOUSE_UNREACHABLE,
+                title="Warehouse unreachable",
+                text=f"{problem}\nBars runs, checks and sensors fail until it is back.",
+                link=link,
+            )
         )
-        context.update_cursor(json.dumps({"unreachable_since": now.isoformat(timespec="seconds")}))
+        state["unreachable_since"] = now.isoformat(timespec="seconds")
+    elif problem is None and down_since is not None:
+        due.append(
+            Alert(
+                AlertKind.WAREHOUSE_UNREACHABLE,
+                title="Warehouse reachable again",
+                text=f"The warehouse answers again (unreachable since {down_since}).",
+                link=link,
+                resolved=True,
+            )
+        )
+        state.pop("unreachable_since")
+    report = _deliver(context, state, due, settings)
+    if due:
+        said = f"{due[0].title}: {report.summary()}"
+    elif problem is not None:
+        said = f"warehouse still unreachable (alerted {down_since}): {problem}"
     else:
-        alert = Alert(
-            AlertKind.WAREHOUSE_UNREACHABLE,
-            title="Warehouse reachable again",
-            text=f"The warehouse answers again (unreachable since {down_since}).",
-            link=link,
-            resolved=True,
+        said = "warehouse reachable"
+    held = f"; held alerts: {report.summary()}" if report.alerts and not due else ""
+    return dg.SkipReason(said + held)
+
+
+def _tick_reason(error: Any) -> str:
+    """The error of a failed tick: the user code's own (the cause Dagster wraps it in)."""
+    if error is None:
+        return "no error recorded"
+    inner = error.cause or error
+    return _error_text(inner.message, inner.cls_name)
+
+
+@dg.sensor(
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Alerts the operator (webhook and/or email) once when a sensor or schedule of "
+    "the instance fails a tick, with its error and a link to its ticks; not again until it "
+    "has ticked without error. Alerts no channel took are held and sent on its next ticks.",
+)
+def failed_tick_alerts(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    state = _state(context) or {"seen": {}, "failing": [], "pending": []}
+    seen: dict[str, int] = state["seen"]
+    failing: set[str] = set(state["failing"])
+    settings = config.alert_settings()
+    due: list[Alert] = []
+    read = 0
+    for instigator in context.instance.all_instigator_state():
+        selector = instigator.selector_id
+        ticks = context.instance.get_ticks(
+            instigator.instigator_origin_id, selector, limit=TICKS_READ
         )
-        context.update_cursor(json.dumps({}))
-    report = alerts.send([alert], settings)
-    _log_failures(context.log, report)
-    return dg.SkipReason(f"{alert.title}: {report.summary()}")
+        # Newest first. A tick still running is read once it has ended; one left STARTED
+        # before a later tick (a daemon that died mid-tick) never ends.
+        finished = [tick for tick in ticks if tick.status != TickStatus.STARTED]
+        new = [tick for tick in reversed(finished) if tick.tick_id > seen.get(selector, 0)]
+        if selector not in seen:  # first seen (this sensor's first tick, a new sensor): now on
+            new = new[-1:]
+        for tick in new:
+            read += 1
+            if tick.status != TickStatus.FAILURE:
+                failing.discard(selector)
+            elif selector not in failing:
+                failing.add(selector)
+                due.append(_tick_alert(instigator, tick, settings.ui_url))
+        if finished:
+            seen[selector] = max(seen.get(selector, 0), finished[0].tick_id)
+    state.update(seen=seen, failing=sorted(failing))
+    report = _deliver(context, state, due, settings)
+    return dg.SkipReason(f"{read} tick(s) read: {report.summary()}")
 
 
-alert_sensors = [failed_bars_run_alerts, check_alerts, warehouse_alerts]
+def _tick_alert(instigator: InstigatorState, tick: InstigatorTick, ui_url: str) -> Alert:
+    name = instigator.instigator_name
+    is_schedule = instigator.instigator_type == InstigatorType.SCHEDULE
+    kind = "schedule" if is_schedule else "sensor"
+    repository = instigator.origin.repository_origin
+    location = repository.code_location_origin.location_name
+    link = f"{ui_url}/locations/{repository.repository_name}@{location}/{kind}s/{name}"
+    at = datetime.fromtimestamp(tick.timestamp, UTC)
+    return Alert(
+        AlertKind.FAILED_TICK,
+        title=f"{kind.capitalize()} failed: {name}",
+        text=alerts.shorten(
+            f"The {kind} {name} failed its tick of {at:%Y-%m-%d %H:%M:%S} UTC: "
+            f"{_tick_reason(tick.error)}",
+            TEXT_SHOWN,
+        )
+        + "\nNo further alert until it ticks without error.",
+        link=link,
+    )
+
+
+alert_sensors = [failed_run_alerts, failed_tick_alerts, check_alerts, warehouse_alerts]

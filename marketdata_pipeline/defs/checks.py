@@ -54,6 +54,12 @@ def freshness_result(
         metadata={
             "expected_latest_day": expected,
             "stale_symbols": len(stale),
-            "stale": ", ".join(f"{s} ({d})" for s, d in sorted(stale.items())[:40]) or "none",
+            "stale": _listed([f"{s} ({d})" for s, d in sorted(stale.items())]),
         },
     )
+
+
+def _listed(items: list[str], shown: int = 40) -> str:
+    """The first `shown` items, and how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more or "none"

@@ -22,6 +22,7 @@ from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS, REVISION_TAG, TRIGGER_TAG, bars_run
 from marketdata_pipeline.defs.splits import stock_splits_refresh
 from marketdata_pipeline.domain import Market
+from marketdata_pipeline.errors import first_line
 from marketdata_pipeline.registry import backfill_state
 from marketdata_pipeline.registry.splits import never_fetched
 from marketdata_pipeline.registry.symbols import active_symbols
@@ -178,6 +179,10 @@ RUN_EVENTS: tuple[
     dg.DagsterEventType.RUN_FAILURE,
 )
 EVENTS_PER_TICK = 200
+
+
+class StatusNotWritten(Exception):
+    """A run status event whose backfill state could not be written to the warehouse."""
 
 
 def run_status_events(
@@ -353,7 +358,24 @@ def _failure_message(instance: dg.DagsterInstance, run_id: str, event: dg.EventL
         error = getattr(step_event.event_specific_data, "error", None) if step_event else None
         if error is not None:
             return error.message.strip().splitlines()[0][:500]
-    return (event.message or "run failed")[:500]
+    return run_failure_message(instance, run_id, event.message)[:500]
+
+
+OUTSIDE_FAILURE = "This run has been marked as failed from outside the execution context."
+
+
+def run_failure_message(instance: dg.DagsterInstance, run_id: str, message: str | None) -> str:
+    """A run failure's message; for a run failed from outside (its worker process died and
+    the code server noticed), the engine's word on how its process ended instead."""
+    if message and message.startswith(OUTSIDE_FAILURE):
+        engine = instance.get_records_for_run(
+            run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, ascending=False, limit=10
+        ).records
+        for record in engine:
+            said = record.event_log_entry.message
+            if said and "Run execution process" in said:
+                return said.removeprefix("[DagsterApiServer] ")
+    return message or "run failed"
 
 
 def _int(value: object) -> int | None:
@@ -371,7 +393,8 @@ def _utc(timestamp: float) -> datetime:
     description="Writes backfill_state per (asset, symbol, month) on run STARTED, SUCCESS and "
     "FAILURE of the bars runs, and rolls it up onto tracked_symbols (backfill_status, "
     "last_backfill, backfill_error). Reads the event log from a persisted cursor, so runs "
-    "before its first tick or during a daemon restart are not lost.",
+    "before its first tick or during a daemon restart are not lost; an event it cannot write "
+    "(the warehouse down or read-only) fails the tick and is written by the next one.",
 )
 def backfill_status_sensor(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource
@@ -384,15 +407,29 @@ def backfill_status_sensor(
     windows = symbols = of_bars_runs = skipped = 0
     with warehouse.connection() as conn:
         for record in events:
+            run_id = record.event_log_entry.run_id
             try:
                 states = window_states(context.instance, record.event_log_entry)
-                if states:
-                    changed = backfill_state.record(conn, states)
-                    windows, symbols = windows + changed[0], symbols + changed[1]
-                    of_bars_runs += 1
-            except Exception as error:  # an odd run must never stop the sensor
+            # A run that cannot be read as a bars run (tags or partitions it no longer
+            # matches) must never stop the sensor: it is skipped, and said so. Any other error
+            # (the instance's storage) fails the tick and the event is read again.
+            except (dg.DagsterError, ValueError, KeyError) as error:
                 skipped += 1
-                context.log.warning(f"skipped run {record.event_log_entry.run_id}: {error!r}")
+                context.log.warning(f"skipped run {run_id}: {error!r}")
+                continue
+            if not states:
+                continue
+            try:
+                changed = backfill_state.record(conn, states)
+            # Never skipped: the tick fails before its cursor moves, so the next tick writes
+            # this event again (the writes are idempotent, so the events before it too).
+            except psycopg.Error as error:
+                raise StatusNotWritten(
+                    f"backfill state of run {run_id} not written, retried next tick: "
+                    + first_line(str(error), type(error).__name__)
+                ) from error
+            windows, symbols = windows + changed[0], symbols + changed[1]
+            of_bars_runs += 1
     context.update_cursor(str(newest))
     # The UI files a tick without run requests under "skipped"; its text says what it did.
     return dg.SkipReason(
