@@ -38,6 +38,7 @@ def test_fresh_database_gets_every_table_and_a_checksummed_ledger(database_url: 
             "005_shared_rate_limit_and_unavailable.sql",
             "006_symbol_beyond_the_plan.sql",
             "007_splits.sql",
+            "008_hourly_bars_by_range.postgres.sql",
         ]
         assert set(TABLES) | set(VIEWS) <= relations(conn)
         ledger = conn.execute(
