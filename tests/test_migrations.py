@@ -38,6 +38,7 @@ def test_fresh_database_gets_every_table_and_a_checksummed_ledger(database_url: 
             "005_shared_rate_limit_and_unavailable.sql",
             "006_symbol_beyond_the_plan.sql",
             "007_splits.sql",
+            "008_hourly_bars_by_range.postgres.sql",
         ]
         assert set(TABLES) | set(VIEWS) <= relations(conn)
         ledger = conn.execute(
@@ -85,10 +86,10 @@ def test_concurrent_runners_serialize_one_applies_the_other_waits(database_url: 
 
     assert [r.returncode for r in runners] == [0, 0], outputs
     stdouts = sorted(out for out, _ in outputs)
-    assert stdouts[0].count("applied ") == 7
+    assert stdouts[0].count("applied ") == 8
     assert "nothing to apply" in stdouts[1]
     with db.connection(database_url) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (7,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (8,)
 
 
 def _advisory_waiters(conn: psycopg.Connection) -> int:
@@ -112,13 +113,13 @@ def test_edited_applied_migration_is_refused_by_name(database_url: str, tmp_path
 def test_failed_migration_leaves_the_last_good_version(database_url: str, tmp_path: Path) -> None:
     sql_dir = tmp_path / "sql"
     shutil.copytree(PROJECT_DIR / "sql", sql_dir)
-    (sql_dir / "008_broken.sql").write_text(
+    (sql_dir / "009_broken.sql").write_text(
         "CREATE TABLE half_done (id int);\nSELECT * FROM no_such_table;\n"
     )
     with db.connection(database_url) as conn:
-        with pytest.raises(MigrationError, match=r"008_broken\.sql failed: .*no_such_table"):
+        with pytest.raises(MigrationError, match=r"009_broken\.sql failed: .*no_such_table"):
             migrations.migrate(conn, sql_dir)
-        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (7,)
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (8,)
         assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
 
 

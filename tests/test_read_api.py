@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import socket
@@ -34,6 +35,7 @@ from marketdata_pipeline.domain import AssetClass
 from marketdata_pipeline.registry import api_keys, symbols
 from marketdata_pipeline.warehouse import migrations
 from marketdata_pipeline.warehouse.connection import connection, with_database
+from marketdata_pipeline.warehouse.reading import BarRange, BarSize
 from tests.conftest import PROJECT_DIR, free_port
 
 # A year of crypto minutes (24/7): the "year of minute bars" that must stream, not be held.
@@ -200,7 +202,7 @@ def test_the_openapi_document_is_valid_and_needs_no_key(server: Server) -> None:
     assert served == DOCUMENT
     assert set(served["paths"]) == {
         "/v1/bars/{symbol}", "/v1/symbols", "/v1/symbols/{symbol}/stats", "/v1/health",
-        "/v1/usage", "/v1/openapi.json",
+        "/v1/usage", "/v1", "/v1/openapi.json",
     }  # fmt: skip
 
 
@@ -406,6 +408,22 @@ def test_every_auth_failure_is_one_401_line_audited_and_the_key_never_logged(
         ("/v1/symbols?asset_clas=crypto", 400, "unknown parameter 'asset_clas'"),
         ("/v1/symbols/AAPL/stats?x=1", 400, "unknown parameter 'x'"),
         (f"/v1/bars/AAPL?start=2024-01-02&limit=1{'0' * 5000}", 400, "limit must be 1 to"),
+        ("/v1/symbols?asset_class=", 400, "parameter asset_class is empty"),
+        ("/v1/symbols?asset_class", 400, "parameter asset_class is empty"),
+        ("/v1/bars/AAPL?start=", 400, "parameter start is empty"),
+        ("/v1/bars/AAPL?start=2024-01-02&end=", 400, "parameter end is empty"),
+        ("/v1/bars/AAPL?start=2024-01-02&timeframe=", 400, "parameter timeframe is empty"),
+        ("/v1/bars/AAPL?start=2024-01-02&format=", 400, "parameter format is empty"),
+        ("/v1/bars/AAPL?start=2024-01-02&limit=", 400, "parameter limit is empty"),
+        ("/v1/bars/AAPL?start=2024-01-02&after=", 400, "parameter after is empty"),
+        ("/v1/health?x=", 400, "unknown parameter 'x'"),
+        ("/v1?x=", 400, "unknown parameter 'x'"),
+        ("/v1/openapi.json?x=", 400, "unknown parameter 'x'"),
+        ("/v1/bars/AAPL?start=2024-W01-1", 400, "'2024-W01-1' is neither a date"),
+        ("/v1/bars/AAPL?start=20240102", 400, "is neither a date"),
+        ("/v1/bars/AAPL?start=2024-01-02T10:00:00.1234567Z", 400, "is neither a date"),
+        ("/v1/bars/AAPL?start=2024-01-02T10:00Z", 400, "is neither a date"),
+        ("/v1/bars/AAPL?start=2024-01-02 10:00:00Z", 400, "(send a + in a URL as %2B)"),
     ],
 )
 def test_bad_input_gets_a_4xx_with_one_readable_line(
@@ -666,4 +684,229 @@ def test_an_unreachable_warehouse_is_503_in_one_line(pg_admin_url: str, tmp_path
         response = client.get("/v1/health")
     assert response.status_code == 503
     assert response.json()["error"].startswith("warehouse unreachable (socket ")
+    assert "Traceback" not in server.log.read_text()
+
+
+def _raw_exchange(server: Server, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send `request` as bytes on a socket of its own; the status and JSON body of the
+    answer (uvicorn's own answers to bad HTTP come before any handler)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_request_heads_are_bounded_and_a_huge_one_costs_nothing(
+    warehouse: str, tmp_path: Path
+) -> None:
+    """A 64 MiB X-API-Key is refused after its first KiBs: at once, without the server
+    holding it, while another client is served."""
+    with api_server(warehouse, tmp_path / "serve.log") as server:
+        status, body = _raw_exchange(
+            server, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-API-Key: " + b"a" * 20_000
+        )
+        assert (status, body) == (431, {"error": "request line and headers over 8 KiB: refused"})
+        before_kib = server.peak_rss_kib()
+        host, port = server.url.removeprefix("http://").split(":")
+        refused_after: list[float] = []
+
+        def attack() -> None:
+            started = time.monotonic()
+            with (
+                socket.create_connection((host, int(port)), timeout=30) as conn,
+                contextlib.suppress(OSError),  # the server hangs up mid-send
+            ):
+                conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-API-Key: ")
+                block = b"a" * 2**20
+                for _ in range(64):
+                    conn.sendall(block)
+                conn.recv(65536)
+            refused_after.append(time.monotonic() - started)
+
+        attacker = threading.Thread(target=attack)
+        attacker.start()
+        started = time.monotonic()
+        served = httpx.get(f"{server.url}/v1/openapi.json", timeout=10)
+        other_waited = time.monotonic() - started
+        attacker.join(timeout=30)
+        grown_mib = (server.peak_rss_kib() - before_kib) / 1024
+    print(f"64 MiB header refused in {refused_after[0]:.2f} s; another client served in "
+          f"{other_waited:.2f} s; server peak memory grew {grown_mib:.1f} MiB")  # fmt: skip
+    assert served.status_code == 200 and other_waited < 2
+    assert refused_after and refused_after[0] < 2, "refused at once, not after reading it all"
+    assert grown_mib < 4, "the header was held"
+    assert "Traceback" not in server.log.read_text()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n\r\n",
+    ],
+)
+def test_malformed_http_gets_the_one_json_line(server: Server, request_bytes: bytes) -> None:
+    status, body = _raw_exchange(server, request_bytes)
+    assert (status, body) == (400, {"error": "malformed HTTP request: not parsed"})
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/openapi.json?api_key=x",
+        "/v1?apikey=x",
+        "/v1/health?key=x",
+        "/v2/nowhere?X-API-Key=x",
+        "/v1/bars/AAPL?start=2024-01-02&token=mdw_abcdefghijklmnop",
+    ],
+)
+def test_a_key_in_the_url_is_refused_on_every_path(server: Server, key: str, path: str) -> None:
+    for header in (key, None):
+        with server.client(header) as client:
+            response = client.get(path)
+        assert response.status_code == 400, f"{path}: {response.status_code}"
+        assert response.json() == {
+            "error": "send the API key in the X-API-Key header, not in the URL"
+        }
+
+
+def test_v1_lists_the_endpoints_without_a_key(server: Server) -> None:
+    response = httpx.get(f"{server.url}/v1")
+    assert response.status_code == 200
+    _schema("Index").validate(response.json())
+    listed = {e["path"]: e["needs_key"] for e in response.json()["endpoints"]}
+    assert set(listed) == set(DOCUMENT["paths"])
+    assert [p for p, needs in listed.items() if not needs] == ["/v1", "/v1/openapi.json"]
+    assert httpx.get(f"{server.url}/v1?x=1").status_code == 400
+
+
+def test_hourly_bars_of_a_day_read_only_that_days_minutes(warehouse: str) -> None:
+    """bars_hourly on plain PostgreSQL is a view over all the minutes: the API's query of one
+    day must reach the minutes by index, not by a scan of the table."""
+    day = BarRange(
+        "BTC",
+        BarSize.HOURLY,
+        datetime(2023, 6, 1, tzinfo=UTC),
+        datetime(2023, 6, 2, tzinfo=UTC),
+    )
+    with connection(warehouse) as conn:
+        plan = "\n".join(row[0] for row in conn.execute(sql.SQL("EXPLAIN {}").format(day.select())))
+        analyzed = conn.execute(
+            sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) {}").format(day.select())
+        ).fetchone()
+    assert "Seq Scan" not in plan and "bars_minute_symbol_hour" in plan, plan
+    assert analyzed is not None
+    scanned = _rows_read(analyzed[0][0]["Plan"], "bars_minute")
+    assert scanned <= 25 * 60, f"{scanned} minutes read for 24 hours"
+
+
+def _rows_read(node: dict[str, Any], relation: str) -> int:
+    here = node.get("Actual Rows", 0) if node.get("Relation Name") == relation else 0
+    return here + sum(_rows_read(child, relation) for child in node.get("Plans", []))
+
+
+@contextmanager
+def _reading_slowly(server: Server, key: str, path: str, *, per_second: int) -> Iterator[None]:
+    """GET `path` on a socket with a small receive buffer, read steadily at about
+    `per_second` bytes a second in a thread of its own, until the block ends."""
+    host, port = server.url.removeprefix("http://").split(":")
+    done = threading.Event()
+
+    def read(conn: socket.socket) -> None:
+        step = max(1024, per_second // 16)
+        with contextlib.suppress(OSError):
+            while not done.is_set() and (chunk := conn.recv(step)):
+                time.sleep(len(chunk) / per_second)
+
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        conn.settimeout(10)
+        conn.connect((host, int(port)))
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n\r\n".encode())
+        reader = threading.Thread(target=read, args=(conn,))
+        reader.start()
+        try:
+            yield
+        finally:
+            done.set()
+            reader.join()
+
+
+def _logged_within(server: Server, text: str, seconds: float) -> float:
+    """How long it took `text` to appear in the server's log (fails after `seconds`)."""
+    started = time.monotonic()
+    while text not in server.log.read_text():
+        assert time.monotonic() - started < seconds, f"not logged in {seconds} s: {text}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def test_a_stream_read_too_slowly_or_too_long_is_cut_and_its_session_freed(
+    warehouse: str, tmp_path: Path
+) -> None:
+    """A client that reads steadily, but slower than the floor, holds its session no longer
+    than the pace allows; nor does one that reads fast enough past the cap. (The bytes
+    already in the sockets' buffers still reach the client: it is the session that is
+    freed.)"""
+    [key] = _keys(warehouse, 1)
+    year = f"/v1/bars/BTC?timeframe=minute&start={YEAR_START}&end={YEAR_END}&format=csv"
+    day = year.replace(YEAR_END, "2023-01-02T00:00:00Z")
+    floor = 240 * 2**20  # 4 MiB a second, for a short test
+    with (
+        api_server(warehouse, tmp_path / "slow.log", "--stream-floor", str(floor)) as server,
+        _reading_slowly(server, key, year, per_second=32 * 1024),
+    ):
+        slow = _logged_within(server, "read slower than 251,658,240 bytes a minute", 20)
+        # Its slot and its session came back: the key may hold two streams again.
+        with contextlib.ExitStack() as held:
+            for _ in range(2):
+                stream = held.enter_context(server.client(key)).stream("GET", day)
+                assert held.enter_context(stream).status_code == 200
+        with connection(warehouse, autocommit=True) as conn:
+            copying = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%' "
+                "AND state = 'active' AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert copying == (0,), "the cut stream's COPY still runs"
+    with (
+        api_server(warehouse, tmp_path / "long.log", "--stream-cap", "2") as server,
+        _reading_slowly(server, key, year, per_second=2 * 2**20),
+    ):
+        long = _logged_within(server, "it ran for 2 s", 15)
+    print(f"a client reading 32 KiB/s was cut after {slow:.1f} s, one reading 2 MiB/s of a "
+          f"long stream after {long:.1f} s")  # fmt: skip
+    assert long >= 2
+
+
+def test_schemathesis_finds_no_mismatch_between_the_document_and_the_server(
+    warehouse: str, tmp_path: Path
+) -> None:
+    """A bounded schemathesis run (every check it has, but one where OpenAPI cannot say
+    enough: see schemathesis.toml) against a server of its own, whose rate limit the run
+    cannot reach."""
+    [key] = _keys(warehouse, 1)
+    with api_server(warehouse, tmp_path / "serve.log", "--rate-limit", "100000/minute") as server:
+        command = [
+            str(Path(sys.executable).with_name("st")),
+            "--config-file", str(PROJECT_DIR / "tests" / "schemathesis.toml"), "run",
+            f"{server.url}/v1/openapi.json", "--header", f"X-API-Key: {key}",
+            "--phases", "examples,coverage,fuzzing",
+            "--max-examples", "25", "--seed", "19", "--workers", "1", "--max-time", "30",
+            "--request-timeout", "20", "--no-shrink",
+        ]  # fmt: skip
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=tmp_path,
+        )
+    report = done.stdout[-6000:] + done.stderr[-2000:]
+    assert done.returncode == 0, report.replace(key, "mdw_...")
     assert "Traceback" not in server.log.read_text()

@@ -112,7 +112,7 @@ def test_second_migrate_is_a_no_op(migrated: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "nothing to apply" in result.stdout
     with psycopg.connect(migrated) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (7,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (8,)
 
 
 def test_the_read_api_queries_read_the_continuous_aggregates(migrated: str) -> None:

@@ -23,7 +23,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from marketdata_pipeline.api import bars, openapi
-from marketdata_pipeline.api.http import REQUESTS_PER_KEY, ApiError, iso, query_parameters
+from marketdata_pipeline.api.http import (
+    REQUESTS_PER_KEY,
+    ApiError,
+    iso,
+    key_in_query,
+    query_parameters,
+)
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, PoolBusy, WarehousePool
 from marketdata_pipeline.domain import AssetClass, InvalidSymbol
 from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable, NotFound
@@ -36,6 +42,8 @@ from marketdata_pipeline.warehouse.reading import latest_bars
 log = logging.getLogger(__name__)
 
 OPENAPI_PATH = "/v1/openapi.json"
+INDEX_PATH = "/v1"
+PUBLIC_PATHS = (INDEX_PATH, OPENAPI_PATH)  # they tell what the document tells, to anyone
 AUDIT_SHOWN = 20
 
 
@@ -56,7 +64,8 @@ def _unavailable(reason: DatabaseUnavailable | PoolBusy | None) -> JSONResponse:
 
 
 class KeyGate:
-    """Every request under /v1 but the OpenAPI document needs an active X-API-Key, within
+    """No request may carry a key in its URL. Every request but those of PUBLIC_PATHS
+    needs an active X-API-Key, within
     the key's rate limit and with at most REQUESTS_PER_KEY of its requests in progress.
 
     Each request is audited (and counted on its key) with its status as its response starts,
@@ -73,14 +82,21 @@ class KeyGate:
         self.in_progress: Counter[int] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == OPENAPI_PATH:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        in_url = None
+        if key_in_query(scope["query_string"]):
+            in_url = error(400, "send the API key in the X-API-Key header, not in the URL")
+        if scope["path"] in PUBLIC_PATHS:
+            await (in_url or self.app)(scope, receive, send)
             return
         try:
             key_id, refusal = await self._check(scope)
         except (DatabaseUnavailable, PoolBusy) as unavailable:  # nothing checked nor audited
             await _unavailable(unavailable)(scope, receive, send)
             return
+        refusal = in_url or refusal  # audited against the header's key, if it is valid
 
         async def send_audited(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -162,10 +178,17 @@ def _windows(counts: WindowCounts, expected: int) -> dict[str, int]:
     }
 
 
-def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
-    """The API over the warehouse at `url`, each key allowed `rate_limit` requests."""
+def create_app(
+    url: str,
+    rate_limit: RateLimitItem,
+    *,
+    stream_floor: int = bars.STREAM_FLOOR_BYTES_PER_MINUTE,
+    stream_cap: float = bars.STREAM_CAP_SECONDS,
+) -> ASGIApp:
+    """The API over the warehouse at `url`, each key allowed `rate_limit` requests, each
+    stream cut below `stream_floor` bytes a minute or after `stream_cap` seconds."""
     warehouse = WarehousePool(url, sessions=10, purpose="queries")
-    streams = bars.Streams(url)
+    streams = bars.Streams(url, floor=stream_floor, cap=stream_cap)
     keys = WarehousePool(url, sessions=4, purpose="API keys and the audit")
 
     async def health(request: Request) -> Response:
@@ -266,7 +289,12 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
         return await bars.respond(request, warehouse, streams)
 
     async def document(request: Request) -> Response:
+        query_parameters(request, ())
         return JSONResponse(openapi.DOCUMENT)
+
+    async def index(request: Request) -> Response:
+        query_parameters(request, ())
+        return JSONResponse(openapi.INDEX)
 
     def one_line(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
         async def handler(request: Request, exc: Exception) -> Response:
@@ -307,6 +335,7 @@ def create_app(url: str, rate_limit: RateLimitItem) -> ASGIApp:
 
     app = Starlette(
         routes=[
+            Route(INDEX_PATH, index),
             Route(OPENAPI_PATH, document),
             Route("/v1/health", health),
             Route("/v1/usage", usage),

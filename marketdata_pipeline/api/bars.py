@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
@@ -35,8 +37,24 @@ JSON_PAGE_DEFAULT = 5_000
 JSON_PAGE_MAX = 50_000
 STREAMS_PER_KEY = 2
 STALLED_SECONDS = 60  # a stream whose client reads nothing this long is ended
+# A stream holds one of few sessions while its client reads: it must keep this pace, which
+# a slow link (about 1.1 Mbit/s) keeps, and end within the cap, so that holding a session
+# costs its client 8 MiB a minute and lasts 10 minutes at most. A year of minute bars as
+# CSV (69 MiB in the tests) takes 8.6 minutes at the floor, inside the cap.
+STREAM_FLOOR_BYTES_PER_MINUTE = 8 * 2**20
+STREAM_CAP_SECONDS = 10 * 60
+_PACE_GRACE_SECONDS = 5  # for the first bytes to cross the network: no pace is measured in it
+_SLICE_BYTES = 64 * 1024
 _STREAM_CHUNK_BYTES = 1 << 20  # CSV leaves PostgreSQL a row at a time: sent a MiB at a time
 PARAMETERS = ("timeframe", "start", "end", "format", "limit", "after")
+JSON_ONLY = ("limit", "after")
+DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+# RFC 3339 with its offset, and seconds to the microsecond (what a datetime holds)
+TIME_PATTERN = re.compile(
+    r"\d{4}-\d{2}-\d{2}T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?"
+    r"(Z|[+-]([01]\d|2[0-3]):[0-5]\d)",
+    re.ASCII,
+)
 
 
 class Format(StrEnum):
@@ -67,16 +85,18 @@ def _moment(
     name: str, raw: str, midnight: Callable[[date], datetime], *, end: bool = False
 ) -> datetime:
     """A date (the day's start, or for `end` the next day's start) or an RFC 3339 time with
-    its offset."""
+    its offset: only those forms (the OpenAPI document's patterns), not every form that
+    Python's ISO parser takes."""
     shown = raw[:40]
     try:
-        if len(raw) == 10:
+        if DATE_PATTERN.fullmatch(raw):
             day = date.fromisoformat(raw)
             return midnight(day + timedelta(days=1) if end else day)
-        moment = datetime.fromisoformat(raw)
-        if moment.tzinfo is None:
+        if TIME_PATTERN.fullmatch(raw):
+            return datetime.fromisoformat(raw).astimezone(UTC)
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}T[\d:.]+", raw, re.ASCII):
             raise ApiError(400, f"{name} {shown!r} has no time zone: add Z or an offset")
-        return moment.astimezone(UTC)
+        raise ValueError(raw)
     except ValueError:
         # A `+` sent unencoded in a URL arrives as a space.
         hint = " (send a + in a URL as %2B)" if " " in raw else ""
@@ -115,7 +135,7 @@ def _parse(conn: psycopg.Connection, request: Request, params: dict[str, str]) -
     if start >= end:
         raise ApiError(400, f"start {iso(start)} is not before end {iso(end)}")
     after = _moment("after", params["after"], midnight) if "after" in params else None
-    if fmt is not Format.JSON and ("after" in params or "limit" in params):
+    if fmt is not Format.JSON and any(name in params for name in JSON_ONLY):
         raise ApiError(400, f"limit and after page JSON only; format={fmt} streams the range")
     limit = JSON_PAGE_DEFAULT
     if "limit" in params:
@@ -134,11 +154,21 @@ def _parse(conn: psycopg.Connection, request: Request, params: dict[str, str]) -
 
 class Streams:
     """The sessions that streams read on, apart from the short queries' (a slow client holds
-    its session as long as it reads), and how many streams each key has open."""
+    its session while it reads), how many streams each key has open, and the pace and time
+    that a stream is allowed."""
 
-    def __init__(self, url: str, *, sessions: int = 8) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sessions: int = 8,
+        floor: int = STREAM_FLOOR_BYTES_PER_MINUTE,
+        cap: float = STREAM_CAP_SECONDS,
+    ) -> None:
         self.warehouse = WarehousePool(url, sessions=sessions, purpose="streams")
         self.open: Counter[int] = Counter()
+        self.floor = floor
+        self.cap = cap
 
 
 async def respond(request: Request, queries: WarehousePool, streams: Streams) -> Response:
@@ -261,10 +291,15 @@ def _parquet(conn: psycopg.Connection, bars: BarRange) -> Generator[bytes]:
     yield sink.take()
 
 
+class _Cut(Exception):
+    """A stream's client is too slow, or the stream ran too long: it is ended."""
+
+
 class _LeasedStream(StreamingResponse):
     """A stream that owns a warehouse session and one of its key's stream slots, and gives
     both back however it ends: finished, failed, its client gone before the first byte, or
-    its client reading nothing for STALLED_SECONDS."""
+    cut: its client reading nothing for STALLED_SECONDS, or slower than the floor, or the
+    stream running past the cap."""
 
     def __init__(
         self,
@@ -295,14 +330,55 @@ class _LeasedStream(StreamingResponse):
             yield chunk
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_or_give_up(message: Message) -> None:
-            with anyio.fail_after(STALLED_SECONDS):
-                await send(message)
+        streams = self._lease[0]
+        started = time.monotonic()
+        sent = 0
+
+        async def send_in_time(message: Message) -> None:
+            nonlocal sent
+            through = sent + len(message.get("body", b""))
+            # Each byte is due when the floor's pace reaches it: a client that read fast
+            # before may read slowly for a while, but only for as long as it read ahead.
+            now = time.monotonic()
+            limits = [
+                (STALLED_SECONDS, f"its client read nothing for {STALLED_SECONDS} s"),
+                (started + streams.cap - now, f"it ran for {streams.cap:g} s"),
+            ]
+            if through > sent:
+                due = started + _PACE_GRACE_SECONDS + through * 60 / streams.floor
+                why = f"its client read slower than {streams.floor:,} bytes a minute"
+                limits.append((due - now, why))
+            wait, why = min(limits)
+            with anyio.move_on_after(max(wait, 0)) as in_time:
+                if wait > 0:
+                    await send(message)
+            if in_time.cancelled_caught or wait <= 0:
+                raise _Cut(why)
+            sent = through
+
+        async def send_in_slices(message: Message) -> None:
+            # A chunk goes out a slice at a time: a stream cut mid-chunk leaves no more than
+            # a slice in the connection's buffer, not the rest of the chunk.
+            body = message.get("body", b"")
+            if message["type"] != "http.response.body" or len(body) <= _SLICE_BYTES:
+                await send_in_time(message)
+                return
+            more = message.get("more_body", False)
+            body = memoryview(body)  # slices of it are not copies
+            for at in range(0, len(body), _SLICE_BYTES):
+                last = at + _SLICE_BYTES >= len(body)
+                await send_in_time(
+                    {
+                        "type": "http.response.body",
+                        "body": body[at : at + _SLICE_BYTES],
+                        "more_body": more or not last,
+                    }
+                )
 
         try:
-            await super().__call__(scope, receive, send_or_give_up)
-        except TimeoutError:
-            log.warning("a stream's client read nothing for %d s: stream ended", STALLED_SECONDS)
+            await super().__call__(scope, receive, send_in_slices)
+        except _Cut as cut:
+            log.warning("a stream was cut after %s bytes: %s", f"{sent:,}", cut)
         finally:
             await self._end()
 

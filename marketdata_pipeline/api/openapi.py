@@ -9,13 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from marketdata_pipeline.api.bars import (
+    DATE_PATTERN,
+    JSON_ONLY,
     JSON_PAGE_DEFAULT,
     JSON_PAGE_MAX,
     STALLED_SECONDS,
+    STREAM_CAP_SECONDS,
+    STREAM_FLOOR_BYTES_PER_MINUTE,
     STREAMS_PER_KEY,
+    TIME_PATTERN,
     Format,
 )
 from marketdata_pipeline.api.http import REQUESTS_PER_KEY
+from marketdata_pipeline.api.protocol import MAX_HEAD_BYTES
 from marketdata_pipeline.warehouse.reading import BarSize
 
 
@@ -36,12 +42,21 @@ def _object(properties: dict[str, Any], *, required: list[str] | None = None) ->
 
 
 _TIME = {"type": "string", "format": "date-time"}
+# What start, end and after take: a date or a time with its offset, in the server's forms.
+_MOMENT = {
+    "anyOf": [
+        {"type": "string", "format": "date", "pattern": f"^{DATE_PATTERN.pattern}$"},
+        {"type": "string", "format": "date-time", "pattern": f"^{TIME_PATTERN.pattern}$"},
+    ]
+}
+_JSON_ONLY = f"JSON only: with another format, {' or '.join(JSON_ONLY)} is a 400."
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _ERRORS = {
     "400": {"$ref": "#/components/responses/BadRequest"},
     "401": {"$ref": "#/components/responses/Unauthorized"},
     "429": {"$ref": "#/components/responses/TooManyRequests"},
+    "431": {"$ref": "#/components/responses/HeadTooLarge"},
     "503": {"$ref": "#/components/responses/Unavailable"},
 }
 
@@ -99,7 +114,10 @@ DOCUMENT: dict[str, Any] = {
                 "or the whole range streamed as CSV (times `2024-01-02 14:30:00+00`), Arrow "
                 f"IPC (stream format) or Parquet. `ts` is the bar's start, in UTC. A key may "
                 f"have {STREAMS_PER_KEY} streams open at a time; a stream whose client reads "
-                f"nothing for {STALLED_SECONDS} s is cut.",
+                f"nothing for {STALLED_SECONDS} s, reads slower than "
+                f"{STREAM_FLOOR_BYTES_PER_MINUTE // 2**20} MiB a minute or is still streaming "
+                f"after {STREAM_CAP_SECONDS // 60} minutes is cut (by default: `marketdata "
+                "serve --stream-floor --stream-cap`).",
                 "content": {
                     Format.JSON.media_type: {"schema": _ref("BarsPage")},
                     Format.CSV.media_type: {"schema": {"type": "string"}},
@@ -121,14 +139,14 @@ DOCUMENT: dict[str, Any] = {
                     "name": "start",
                     "in": "query",
                     "required": True,
-                    "schema": {"type": "string"},
+                    "schema": _MOMENT,
                     "description": "Start, inclusive: a date (the market day's start in its "
-                    "time zone) or an RFC 3339 time with offset.",
+                    "time zone) or an RFC 3339 time with offset; before `end`.",
                 },
                 {
                     "name": "end",
                     "in": "query",
-                    "schema": {"type": "string"},
+                    "schema": _MOMENT,
                     "description": "Exclusive end: a time with offset, or a date whose whole "
                     "market day is included. Default: now.",
                 },
@@ -146,14 +164,14 @@ DOCUMENT: dict[str, Any] = {
                         "maximum": JSON_PAGE_MAX,
                         "default": JSON_PAGE_DEFAULT,
                     },
-                    "description": "Bars per JSON page; JSON only.",
+                    "description": f"Bars per JSON page. {_JSON_ONLY}",
                 },
                 {
                     "name": "after",
                     "in": "query",
-                    "schema": {"type": "string"},
+                    "schema": _MOMENT,
                     "description": "JSON paging cursor: bars strictly after this time (the "
-                    "`next` link sets it).",
+                    f"`next` link sets it). {_JSON_ONLY}",
                 },
             ],
             responses={
@@ -191,11 +209,26 @@ DOCUMENT: dict[str, Any] = {
             "counts this one",
             _json(_ref("Usage"), "The key"),
         ),
+        "/v1": {
+            "get": {
+                "summary": "The endpoints (no key needed)",
+                "security": [],
+                "responses": {
+                    "200": _json(_ref("Index"), "Every path of this document"),
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "431": {"$ref": "#/components/responses/HeadTooLarge"},
+                },
+            }
+        },
         "/v1/openapi.json": {
             "get": {
                 "summary": "This document (no key needed)",
                 "security": [],
-                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+                "responses": {
+                    "200": _json({"type": "object"}, "OpenAPI 3.1"),
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "431": {"$ref": "#/components/responses/HeadTooLarge"},
+                },
             }
         },
     },
@@ -203,8 +236,12 @@ DOCUMENT: dict[str, Any] = {
         "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
         "responses": {
             "BadRequest": _error(
-                "An unknown or repeated parameter: an endpoint takes only "
-                "those it names, each once, and never the API key."
+                "An unknown, repeated or empty parameter: an endpoint takes only those it "
+                "names, each once and with a value, and never the API key (on any path); or "
+                "a malformed HTTP request."
+            ),
+            "HeadTooLarge": _error(
+                f"The request line and headers are over {MAX_HEAD_BYTES // 1024} KiB."
             ),
             "Unauthorized": _error("Missing, unknown, revoked or deleted API key."),
             "TooManyRequests": {
@@ -225,6 +262,21 @@ DOCUMENT: dict[str, Any] = {
         },
         "schemas": {
             "Error": _object({"error": {"type": "string"}}),
+            "Index": _object(
+                {
+                    "endpoints": {
+                        "type": "array",
+                        "items": _object(
+                            {
+                                "path": {"type": "string"},
+                                "summary": {"type": "string"},
+                                "needs_key": {"type": "boolean"},
+                            }
+                        ),
+                    },
+                    "document": {"const": "/v1/openapi.json"},
+                }
+            ),
             "Bar": _object(
                 {
                     "ts": _TIME,
@@ -326,4 +378,17 @@ DOCUMENT: dict[str, Any] = {
             ),
         },
     },
+}
+
+# What GET /v1 answers: the document's paths, for a client that starts at the root.
+INDEX: dict[str, Any] = {
+    "endpoints": [
+        {
+            "path": path,
+            "summary": operations["get"]["summary"],
+            "needs_key": operations["get"].get("security") != [],
+        }
+        for path, operations in DOCUMENT["paths"].items()
+    ],
+    "document": "/v1/openapi.json",
 }

@@ -9,6 +9,8 @@ import uvicorn
 
 from marketdata_pipeline import config
 from marketdata_pipeline.api.app import OPENAPI_PATH, create_app
+from marketdata_pipeline.api.bars import STREAM_CAP_SECONDS, STREAM_FLOOR_BYTES_PER_MINUTE
+from marketdata_pipeline.api.protocol import MAX_HEAD_BYTES, JsonErrorsH11
 from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.warehouse import embedded
 from marketdata_pipeline.warehouse.connection import connection, describe
@@ -32,7 +34,28 @@ from marketdata_pipeline.warehouse.migrations import pending
     help="Requests each API key may make, like 600/minute or 20 per second "
     f"[default: MARKETDATA_API_RATE_LIMIT, else {config.DEFAULT_API_RATE_LIMIT}].",
 )
-def serve_command(host: str, port: int, socket_fd: int | None, rate_limit: str | None) -> None:
+@click.option(
+    "--stream-floor",
+    default=STREAM_FLOOR_BYTES_PER_MINUTE,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Bytes a minute a stream's client must read, or the stream is cut.",
+)
+@click.option(
+    "--stream-cap",
+    default=STREAM_CAP_SECONDS,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a stream may last, or it is cut.",
+)
+def serve_command(
+    host: str,
+    port: int,
+    socket_fd: int | None,
+    rate_limit: str | None,
+    stream_floor: int,
+    stream_cap: float,
+) -> None:
     """Serve the read-only HTTP API: bars, symbols, stats, health, usage (X-API-Key)."""
     limit = config.api_rate_limit(rate_limit)
     url = embedded.warehouse_url()
@@ -48,10 +71,15 @@ def serve_command(host: str, port: int, socket_fd: int | None, rate_limit: str |
     )
     # Clients are whoever connects: no X-Forwarded-For is believed, even from loopback, where
     # it would let a client pick the address its refused keys are counted against.
-    app = create_app(url, limit)
+    app = create_app(url, limit, stream_floor=stream_floor, stream_cap=stream_cap)
     settings = uvicorn.Config(
-        app, log_level="warning", proxy_headers=False, timeout_graceful_shutdown=10
-    )  # open streams do not hold a shutdown up
+        app,
+        log_level="warning",
+        proxy_headers=False,
+        timeout_graceful_shutdown=10,  # open streams do not hold a shutdown up
+        http=JsonErrorsH11,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+    )
     uvicorn.Server(settings).run(sockets=[listening])
 
 

@@ -1,0 +1,3 @@
+-- Nothing to do on TimescaleDB: bars_hourly is a continuous aggregate, whose hours are
+-- stored and indexed by symbol and hour. (The PostgreSQL variant indexes the minutes by
+-- hour for its plain view.)
