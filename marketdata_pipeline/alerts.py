@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from marketdata_pipeline import config
+from marketdata_pipeline import clock
 from marketdata_pipeline.config import AlertSettings, SmtpSettings
 
 TIMEOUT_SECONDS = 10.0
@@ -282,7 +282,7 @@ class Report:
 
 def send(alerts: Sequence[Alert], settings: AlertSettings) -> Report:
     """Send alerts that fell due now; what no channel took is lost (see `deliver`)."""
-    now = config.now()
+    now = clock.now()
     return deliver([Pending(alert, now) for alert in alerts], settings)[0]
 
 
@@ -299,7 +299,7 @@ def deliver(pending: Sequence[Pending], settings: AlertSettings) -> tuple[Report
     secrets = [secret for channel in configured for secret in channel.secrets]
     failed: set[str] = set()
     still: list[Pending] = []
-    now = config.now()
+    now = clock.now()
     for item in pending:
         alert = item.alert
         text = redact(alert.text, secrets)

@@ -1,27 +1,23 @@
-"""Now, for every decision that depends on the day: one clock, which a test can set."""
+"""Now, for every decision that depends on the time of day: one clock, which a test sets."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import os
 from datetime import UTC, datetime
 
-_pinned: datetime | None = None
+from marketdata_pipeline.errors import ConfigError
+
+NOW_VARIABLE = "MARKETDATA_NOW"
 
 
 def now() -> datetime:
-    """The current time, timezone-aware UTC (the pinned time while a test holds one)."""
-    return _pinned or datetime.now(UTC)
-
-
-@contextmanager
-def pinned(moment: datetime) -> Iterator[None]:
-    """Make `now()` return `moment` inside the block (this process only)."""
-    global _pinned
-    if moment.tzinfo is None:
-        raise ValueError("the clock needs a timezone-aware datetime")
-    before, _pinned = _pinned, moment.astimezone(UTC)
+    """MARKETDATA_NOW (an ISO 8601 time, for tests and drills) when set, else the system's
+    clock; timezone-aware, in UTC."""
+    raw = os.environ.get(NOW_VARIABLE)
+    if not raw:
+        return datetime.now(UTC)
     try:
-        yield
-    finally:
-        _pinned = before
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ConfigError(f"{NOW_VARIABLE} must be an ISO 8601 time, got {raw[:40]!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)

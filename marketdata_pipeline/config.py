@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,19 +19,6 @@ from marketdata_pipeline.errors import ConfigError
 POLYGON_OFFICIAL_BASE_URL = "https://api.massive.com"
 DEFAULT_HISTORY_START = date(2020, 1, 1)
 _PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def now() -> datetime:
-    """The one clock of the alerts: MARKETDATA_NOW (an ISO 8601 time, for tests and drills)
-    when set, else the system's, in UTC."""
-    raw = os.environ.get("MARKETDATA_NOW")
-    if not raw:
-        return datetime.now(UTC)
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ConfigError(f"MARKETDATA_NOW must be an ISO 8601 time, got {raw[:40]!r}") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def shipped_path(name: str) -> Path:

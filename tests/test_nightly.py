@@ -271,21 +271,24 @@ def test_the_night_of_a_months_first_session_loads_and_passes(
     market: Market,
     tick: datetime,
     night_before: datetime,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The new month's window holds one day, the one just complete: it loads, its coverage
     counts that day, and every check passes."""
     symbols = ["AAPL", "MSFT"] if market is Market.STOCK else ["BTC", "ETH"]
     schedule = stock_bars_after_close if market is Market.STOCK else crypto_bars_daily
-    with dg.instance_for_test() as instance, clock.pinned(tick):
+    monkeypatch.setenv(clock.NOW_VARIABLE, tick.isoformat())
+    with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(market.symbol_dimension, symbols)
         context = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
         requests = schedule(context)
         assert isinstance(requests, list) and len(requests) == 2
-        with clock.pinned(night_before):
-            sim.now = night_before
-            for request in requests:
-                whole = dg.RunRequest(asset_selection=request.asset_selection, tags=request.tags)
-                assert run(instance, server, whole).success
+        monkeypatch.setenv(clock.NOW_VARIABLE, night_before.isoformat())
+        sim.now = night_before
+        for request in requests:
+            whole = dg.RunRequest(asset_selection=request.asset_selection, tags=request.tags)
+            assert run(instance, server, whole).success
+        monkeypatch.setenv(clock.NOW_VARIABLE, tick.isoformat())
         sim.now = tick
         for request in requests:
             result = run(instance, server, request)

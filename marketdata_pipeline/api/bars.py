@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from marketdata_pipeline import clock
 from marketdata_pipeline.api.http import ApiError, iso, query_parameters
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, WarehousePool
 from marketdata_pipeline.registry import symbols
@@ -131,7 +132,7 @@ def _parse(conn: psycopg.Connection, request: Request, params: dict[str, str]) -
         raise ApiError(400, "start is required: a date (2024-01-02) or a time with offset")
     start = _moment("start", params["start"], midnight)
     end = _moment("end", params["end"], midnight, end=True) if "end" in params else None
-    end = end or datetime.now(UTC)
+    end = end or clock.now()
     if start >= end:
         raise ApiError(400, f"start {iso(start)} is not before end {iso(end)}")
     after = _moment("after", params["after"], midnight) if "after" in params else None

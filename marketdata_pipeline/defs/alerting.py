@@ -18,7 +18,7 @@ from dagster._core.scheduler.instigation import (  # the instance's tick records
     TickStatus,
 )
 
-from marketdata_pipeline import alerts, config
+from marketdata_pipeline import alerts, clock, config
 from marketdata_pipeline.alerts import Alert, AlertKind
 from marketdata_pipeline.config import AlertSettings
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS
@@ -104,7 +104,7 @@ def _deliver(
 ) -> alerts.Report:
     """Send what the sensor held and what fell due now; keep in its cursor what no channel or
     not every channel took (state["pending"])."""
-    now = config.now()
+    now = clock.now()
     pending = [*alerts.held(state.get("pending")), *(alerts.Pending(a, now) for a in due)]
     report, still = alerts.deliver(pending, settings)
     _log_failures(context.log, report)
@@ -287,7 +287,7 @@ def warehouse_alerts(
 ) -> dg.SkipReason:
     state = _state(context) or {}
     down_since = state.get("unreachable_since")
-    now = config.now()
+    now = clock.now()
     try:
         with warehouse.connection() as conn:
             conn.execute("SELECT 1")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from marketdata_pipeline import alerts, config
+from marketdata_pipeline import alerts, clock, config
 from marketdata_pipeline.alerts import Alert, AlertKind
 from marketdata_pipeline.errors import ConfigError
 
@@ -38,7 +38,7 @@ def _ago(seconds: float) -> str:
 def stale_daemons(instance: dg.DagsterInstance, max_age_seconds: float) -> dict[str, str]:
     """The daemons the instance needs whose newest heartbeat is older than `max_age_seconds`,
     or missing, with why."""
-    now = config.now().timestamp()
+    now = clock.now().timestamp()
     heartbeats = instance.get_daemon_heartbeats()
     stale = {}
     for daemon in instance.get_required_daemon_types():
@@ -59,7 +59,7 @@ def check_daemon(instance: dg.DagsterInstance, max_age_seconds: float) -> Daemon
     state = json.loads(raw) if raw else {}
     down_since = state.get("down_since")
     settings = config.alert_settings()
-    now = config.now()
+    now = clock.now()
     link = f"{settings.ui_url}/health"
     due = []
     if stale and not down_since:
