@@ -8,6 +8,7 @@ from marketdata_pipeline import config
 from marketdata_pipeline.defs.admin_jobs import admin_jobs
 from marketdata_pipeline.defs.alerting import alert_sensors
 from marketdata_pipeline.defs.assets import bars_assets
+from marketdata_pipeline.defs.backfills import backfill_history, history_backfill_runs
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.schedules import FRESHNESS_JOBS, REFRESH_JOBS, SCHEDULES
 from marketdata_pipeline.defs.sensors import backfill_status_sensor, symbol_registry_sensor
@@ -23,12 +24,19 @@ from marketdata_pipeline.defs.splits import (
 def defs() -> dg.Definitions:
     return dg.Definitions(
         assets=[*bars_assets, stock_splits],
-        jobs=[*REFRESH_JOBS.values(), *FRESHNESS_JOBS.values(), stock_splits_refresh, *admin_jobs],
+        jobs=[
+            *REFRESH_JOBS.values(),
+            *FRESHNESS_JOBS.values(),
+            stock_splits_refresh,
+            *admin_jobs,
+            backfill_history,
+        ],
         schedules=[*SCHEDULES, stock_splits_daily],
         sensors=[
             symbol_registry_sensor,
             backfill_status_sensor,
             split_revision_sensor,
+            history_backfill_runs,
             *alert_sensors,
         ],
         # Each bars run is one step; running it in the run's own process saves a second

@@ -18,8 +18,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from marketdata_pipeline.config import DEFAULT_SYMBOLS
 from marketdata_pipeline.domain import BAR_SCHEMA, Timeframe
 from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.registry import symbols
 from marketdata_pipeline.warehouse import embedded, migrations
 from marketdata_pipeline.warehouse.connection import connection, with_database
 
@@ -60,7 +62,10 @@ def migrated_url(database_url: str) -> str:
 
 @pytest.fixture
 def warehouse_url(migrated_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A migrated database that Dagster's WarehouseResource uses (through DATABASE_URL)."""
+    """A migrated database with the default symbols registered (a bars run loads only
+    registered symbols), which Dagster's WarehouseResource uses (through DATABASE_URL)."""
+    with connection(migrated_url) as conn:
+        symbols.seed(conn, DEFAULT_SYMBOLS)
     monkeypatch.setenv("DATABASE_URL", migrated_url)
     return migrated_url
 

@@ -424,3 +424,19 @@ def test_a_run_without_partitions_fails_in_one_line(warehouse_url, sim, server, 
     message = step_failure(result)
     assert "Failure: stock_daily_bars: choose partitions (months x symbols)" in message
     assert not sim.requests
+
+
+def test_a_partition_typed_into_the_ui_that_is_no_symbol_fails_in_one_line(
+    warehouse_url, sim, server, instance
+) -> None:
+    instance.add_dynamic_partitions("stock_symbols", ["ZZZZ"])  # "Add a partition" in the UI
+    result = materialize(instance, server, "stock_daily_bars", key="2024-03-01|ZZZZ")
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    error = failure.step_failure_data.error
+    assert error is not None and error.cls_name == "Failure"
+    message = error.message.strip()
+    assert "\n" not in message, message
+    assert "ZZZZ: not a registered stock symbol" in message
+    assert "`marketdata symbols add ZZZZ`" in message
+    assert not sim.requests

@@ -114,7 +114,10 @@ def test_registry_sensor_adds_removes_and_backfills_new_symbols(url, instance) -
     with db.connection(url) as conn:
         registry.remove(conn, "DOGE")
     gone = sync(instance)
-    assert gone.skip_reason == dg.SkipReason("partitions removed {'crypto_symbols': ['DOGE']}")
+    assert gone.skip_reason == dg.SkipReason(
+        "partitions removed {'crypto_symbols': ['DOGE']}: not active in tracked_symbols (a "
+        "symbol is registered with `marketdata symbols add` or the add_symbol job)"
+    )
     time.sleep(1.1)  # a registration is named by its second
     with db.connection(url) as conn:
         registry.add(conn, "DOGE", AssetClass.CRYPTO)

@@ -38,7 +38,7 @@ class KeyIdConfig(dg.Config):
 
 
 @contextmanager
-def _failing_clearly() -> Iterator[None]:
+def failing_clearly() -> Iterator[None]:
     """An operator error (duplicate symbol, unknown key) fails the run with its one line."""
     try:
         yield
@@ -50,7 +50,7 @@ def _failing_clearly() -> Iterator[None]:
 def register_symbol(
     context: dg.OpExecutionContext, config: AddSymbolConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn, _failing_clearly():
+    with warehouse.connection() as conn, failing_clearly():
         added = symbols.add(conn, config.symbol, config.asset_class)
     context.log.info(
         f"registered {added.symbol} ({added.asset_class}); the registry sensor adds its "
@@ -62,7 +62,7 @@ def register_symbol(
 def deactivate_symbol(
     context: dg.OpExecutionContext, config: SymbolConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn, _failing_clearly():
+    with warehouse.connection() as conn, failing_clearly():
         removed = symbols.remove(conn, config.symbol)
     context.log.info(f"removed {removed.symbol}: inactive, its bars are kept")
 
@@ -71,7 +71,7 @@ def deactivate_symbol(
 def issue_api_key(
     context: dg.OpExecutionContext, config: CreateKeyConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn, _failing_clearly():
+    with warehouse.connection() as conn, failing_clearly():
         key, raw = api_keys.create(conn, config.name)
     path = _deliver(key.id, raw)
     # The raw key goes to a file only the operator's account can read, never to the event log.
@@ -82,7 +82,7 @@ def issue_api_key(
 def revoke_api_key(
     context: dg.OpExecutionContext, config: KeyIdConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn, _failing_clearly():
+    with warehouse.connection() as conn, failing_clearly():
         key = api_keys.revoke(conn, config.key_id)
     context.log.info(f"revoked API key {key.id} ({key.name})")
 

@@ -23,6 +23,7 @@ from marketdata_pipeline.alerts import Alert, AlertKind
 from marketdata_pipeline.config import AlertSettings
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS
 from marketdata_pipeline.defs.checks import FRESHNESS
+from marketdata_pipeline.defs.partitions import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.defs.sensors import run_failure_message, run_status_events
 from marketdata_pipeline.errors import first_line
@@ -70,10 +71,10 @@ def bars_assets_of(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str
 
 def _partitions(run: dg.DagsterRun) -> str:
     tags = run.tags
-    if "dagster/partition" in tags:
+    if PARTITION_TAG in tags:
         return f", partition {tags['dagster/partition']}"
-    start = tags.get("dagster/asset_partition_range_start")
-    end = tags.get("dagster/asset_partition_range_end")
+    start = tags.get(RANGE_START_TAG)
+    end = tags.get(RANGE_END_TAG)
     return f", partitions {start} to {end}" if start and end else ""
 
 

@@ -3,9 +3,9 @@
 import collections
 import functools
 import warnings
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 from functools import cached_property
 
 import dagster as dg
@@ -15,7 +15,14 @@ from pydantic import Field
 
 from marketdata_pipeline import clock
 from marketdata_pipeline.defs.checks import FRESHNESS, FRESHNESS_DESCRIPTION, freshness_result
-from marketdata_pipeline.defs.partitions import bars_partitions, month_and_symbol, partition_key
+from marketdata_pipeline.defs.partitions import (
+    PARTITION_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    bars_partitions,
+    month_and_symbol,
+    partition_key,
+)
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.domain import Market, Timeframe, Window
 from marketdata_pipeline.pipeline import (
@@ -33,6 +40,7 @@ from marketdata_pipeline.quality.coverage import (
     coverage,
     rejection_rate,
 )
+from marketdata_pipeline.registry.symbols import active_symbols
 from marketdata_pipeline.warehouse.loading import refresh_aggregate
 
 # backfill_policy is marked beta; it is what turns a backfill into one run per symbol.
@@ -107,13 +115,14 @@ COLUMN_SCHEMA = dg.TableSchema(
 )
 
 
-# When each market's bars must be current: an hour after its nightly refresh starts. The
-# freshness policies and the freshness checks' schedules both keep this time.
+# When each market's bars must be current: an hour after its nightly refresh starts, when the
+# freshness checks run. There is no Dagster freshness policy beside them: a policy judges an
+# asset by its latest materialization of any partition, so one symbol loaded would read
+# "Passing" while others are stale; the check judges every symbol.
 FRESHNESS_DEADLINES = {
     Market.STOCK: ("30 21 * * 1-5", "America/New_York"),
     Market.CRYPTO: ("30 1 * * *", "UTC"),
 }
-NIGHTLY_RUN_HOURS = timedelta(hours=1)
 
 _MARKET_DESCRIPTIONS = {
     Market.STOCK: "US stocks and ETFs (NYSE sessions; minute bars include extended hours)",
@@ -156,15 +165,6 @@ class BarsAsset:
             "negative volume, repeated or out-of-window timestamps, vwap outside [low, high]) "
             "are quarantined in `bars_rejected` with their reasons; soft rules (zero volume, "
             "price jumps, volume spikes) only flag."
-        )
-
-    @property
-    def freshness_policy(self) -> dg.FreshnessPolicy:
-        """Stale (in the UI's health view) when the night's refresh has not materialized the
-        asset by its deadline."""
-        cron, zone = FRESHNESS_DEADLINES[self.market]
-        return dg.FreshnessPolicy.cron(
-            deadline_cron=cron, lower_bound_delta=NIGHTLY_RUN_HOURS, timezone=zone
         )
 
     @property
@@ -259,7 +259,6 @@ def build_bars_asset(spec: BarsAsset) -> dg.AssetsDefinition:
                 spec.key,
                 deps=spec.deps,
                 description=spec.description,
-                freshness_policy=spec.freshness_policy,
                 kinds={"polygon", "polars", "postgres"},
                 group_name=GROUP,
                 owners=OWNERS,
@@ -334,11 +333,12 @@ class _Run:
                 f"{spec.name}: choose partitions (months x symbols) to load; a run without "
                 "partitions has nothing to fetch"
             )
-        months = months_by_symbol(spec, context.partition_keys)
         with (
             self.polygon.client(warehouse.url()) as client,
             warehouse.connection(autocommit=True) as conn,
         ):
+            _refuse_unregistered(spec, context.run.tags, active_symbols(conn, spec.market))
+            months = months_by_symbol(spec, context.partition_keys)
             self.client = client
             if self.config.new_days_only:
                 through = last_complete_session(spec.market, clock.now())
@@ -493,6 +493,21 @@ class _Run:
                     "loaded_windows": len(self.summaries),
                 },
             )
+
+
+def _refuse_unregistered(spec: BarsAsset, tags: Mapping[str, str], active: Sequence[str]) -> None:
+    """A partition typed into the UI is not a symbol until the registry has it (the registry
+    sensor removes it): say so in one line, read from the run's tags, before Dagster resolves
+    partitions that may be gone."""
+    keys = [tags.get(PARTITION_TAG), tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)]
+    named = {key.rsplit("|", 1)[-1] for key in keys if key}
+    if unknown := sorted(named - set(active)):
+        raise dg.Failure(
+            f"{', '.join(unknown)}: not a registered {spec.market} symbol; register it with "
+            f"`marketdata symbols add {unknown[0]}` (or the add_symbol job on the launchpad), "
+            "then materialize it: a partition added only in the UI is removed by "
+            "symbol_registry_sensor"
+        )
 
 
 def _summarize(spec: BarsAsset, outcome: WindowOutcome) -> _Summary:

@@ -12,6 +12,11 @@ SYMBOL_PARTITIONS = {
     market: dg.DynamicPartitionsDefinition(name=market.symbol_dimension) for market in Market
 }
 
+# Dagster's run tags for what a run targets: one partition, or a range of them.
+PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+
 
 def months() -> dg.MonthlyPartitionsDefinition:
     # end_offset=1: the month in progress is a partition, so the schedules can refresh it.

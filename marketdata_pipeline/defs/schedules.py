@@ -13,6 +13,7 @@ from marketdata_pipeline.defs.assets import (
     BarsAsset,
     BarsRunConfig,
 )
+from marketdata_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG
 from marketdata_pipeline.domain import Market
 from marketdata_pipeline.quality.calendars import last_complete_session, refresh_months
 
@@ -60,8 +61,8 @@ def bars_run(
         asset_check_keys=spec.own_check_keys(),
         run_config=dg.RunConfig(ops={spec.name: BarsRunConfig(new_days_only=new_days_only)}),
         tags={
-            "dagster/asset_partition_range_start": f"{months[0]}|{symbols[0]}",
-            "dagster/asset_partition_range_end": f"{months[-1]}|{symbols[-1]}",
+            RANGE_START_TAG: f"{months[0]}|{symbols[0]}",
+            RANGE_END_TAG: f"{months[-1]}|{symbols[-1]}",
             TRIGGER_TAG: trigger,
             **({REVISION_TAG: revision} if revision else {}),
         },

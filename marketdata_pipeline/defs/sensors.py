@@ -17,7 +17,13 @@ from marketdata_pipeline.defs.assets import (
     UP_TO_DATE,
     BarsAsset,
 )
-from marketdata_pipeline.defs.partitions import month_and_symbol, months
+from marketdata_pipeline.defs.partitions import (
+    PARTITION_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    month_and_symbol,
+    months,
+)
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS, REVISION_TAG, TRIGGER_TAG, bars_run
 from marketdata_pipeline.defs.splits import stock_splits_refresh
@@ -63,8 +69,8 @@ def first_splits_fetches(stock_symbols: Sequence[str], never: Sequence[str]) -> 
             run_key=f"first-splits|{block[0]}..{block[-1]}|{clock.now():%Y-%m-%dT%H:%M:%S}",
             job_name=stock_splits_refresh.name,
             tags={
-                "dagster/asset_partition_range_start": block[0],
-                "dagster/asset_partition_range_end": block[-1],
+                RANGE_START_TAG: block[0],
+                RANGE_END_TAG: block[-1],
                 TRIGGER_TAG: "new symbol",
             },
         )
@@ -151,7 +157,10 @@ def symbol_registry_sensor(
     changes = f"partitions added {_by_dimension(added)}" if added else ""
     if deletes:
         removed = {d.partitions_def_name: list(d.partition_keys) for d in deletes}
-        changes += ("; " if changes else "") + f"partitions removed {removed}"
+        changes += ("; " if changes else "") + (
+            f"partitions removed {removed}: not active in tracked_symbols (a symbol is "
+            "registered with `marketdata symbols add` or the add_symbol job)"
+        )
     return dg.SensorResult(
         run_requests=runs,
         cursor=json.dumps(unfetched),
@@ -222,10 +231,10 @@ def run_partitions(instance: dg.DagsterInstance, run: dg.DagsterRun) -> dict[str
     if not assets:
         return {}
     tags = run.tags
-    if "dagster/partition" in tags:
-        return {asset: [tags["dagster/partition"]] for asset in assets}
-    start = tags.get("dagster/asset_partition_range_start")
-    end = tags.get("dagster/asset_partition_range_end")
+    if PARTITION_TAG in tags:
+        return {asset: [tags[PARTITION_TAG]] for asset in assets}
+    start = tags.get(RANGE_START_TAG)
+    end = tags.get(RANGE_END_TAG)
     if not (start and end):
         return {}
     return {

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from marketdata_pipeline import clock
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, GROUP, OWNERS, STOCK_SPLITS
-from marketdata_pipeline.defs.partitions import SYMBOL_PARTITIONS
+from marketdata_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, SYMBOL_PARTITIONS
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
 from marketdata_pipeline.domain import Market, consecutive_months
@@ -139,8 +139,8 @@ def stock_splits_daily(context: dg.ScheduleEvaluationContext) -> dg.RunRequest |
     return dg.RunRequest(
         run_key=f"splits|{context.scheduled_execution_time:%Y-%m-%d}",
         tags={
-            "dagster/asset_partition_range_start": symbols[0],
-            "dagster/asset_partition_range_end": symbols[-1],
+            RANGE_START_TAG: symbols[0],
+            RANGE_END_TAG: symbols[-1],
         },
     )
 
