@@ -185,10 +185,9 @@ def configured(
 
 
 @pytest.fixture
-def warehouse_url(migrated_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    monkeypatch.setenv("DATABASE_URL", migrated_url)
+def warehouse_url(warehouse_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     monkeypatch.setenv("MARKETDATA_HOME", str(tmp_path))
-    return migrated_url
+    return warehouse_url
 
 
 @pytest.fixture
@@ -320,7 +319,7 @@ def test_a_failed_run_of_any_job_alerts_once_with_a_link_to_the_run(
     assert f"Run {admin.run_id} (remove_symbol) failed: " in removal and "NOPE" in removal
     assert removal.splitlines()[-1] == f"{UI_URL}/runs/{admin.run_id}"
     assert split.splitlines()[0] == "Run failed: __ephemeral_asset_job__"
-    assert "partition AAPL) failed: stock_splits: 1 symbol(s) failed (AAPL)" in split
+    assert "partition AAPL) failed: stock_splits AAPL: " in split
     message = mailbox.messages[0]
     assert message["To"] == "oncall@example.com, data@example.com"
     body = message.get_body()
@@ -413,7 +412,8 @@ def test_a_failed_error_check_alerts_once_with_a_link_to_the_asset(
     assert not days.passed and days.severity == dg.AssetCheckSeverity.WARN  # WARN: no alert
 
     said, cursor = tick(check_alerts, instance, cursor)
-    assert said.endswith("sent 1 alert (failed_check) to webhook, email"), said
+    # The run evaluated freshness too: the registered symbols' bars are old (stale_asset).
+    assert said.endswith("sent 2 alerts (failed_check, stale_asset) to webhook, email"), said
     said, cursor = tick(check_alerts, instance, cursor)
     assert said == "no run finished since the last tick"
     sim.clear_faults()
@@ -422,13 +422,14 @@ def test_a_failed_error_check_alerts_once_with_a_link_to_the_asset(
     assert said.endswith("no alert due"), said
 
     labels = received(webhook, mailbox)
-    assert labels == ["failed_check"]
-    [text] = webhook.texts()
+    assert sorted(labels) == ["failed_check", "stale_asset"]
+    [text] = [t for t in webhook.texts() if t.startswith("Check failed")]
     assert text.splitlines()[0] == "Check failed: stock_daily_bars rejection_rate (ERROR)"
     assert f"run {run.run_id}" in text and "worst_partition: 2024-01-01|AAPL" in text
     link = f"{UI_URL}/assets/stock_daily_bars?view=checks&checkDetail=rejection_rate"
     assert text.splitlines()[-1] == link
-    body = mailbox.messages[0].get_body()
+    [email] = [m for m in mailbox.messages if m["X-Marketdata-Alert"] == "failed_check"]
+    body = email.get_body()
     assert body is not None and link in body.get_content()
     assert_no_secret(*TICKS, *webhook.texts(), *all_logs(caplog))
     count(request, labels)

@@ -19,6 +19,9 @@ from marketdata_pipeline.warehouse import migrations
 from marketdata_pipeline.warehouse.bootstrap import TABLES, VIEWS
 from tests.conftest import PROJECT_DIR
 
+# The shipped migrations' latest version: a test's own files come after it.
+LATEST = max(int(path.name[:3]) for path in (PROJECT_DIR / "sql").glob("*.sql"))
+
 
 def relations(conn: psycopg.Connection) -> set[str]:
     rows = conn.execute(
@@ -171,14 +174,16 @@ def test_a_migration_that_controls_its_transaction_is_refused_before_anything_ru
     shutil.copytree(PROJECT_DIR / "sql", sql_dir)
     with db.connection(database_url) as conn:
         migrations.migrate(conn, sql_dir)
-        (sql_dir / "008_fine.sql").write_text("CREATE TABLE fine (id int);\n")
-        (sql_dir / "009_commits.sql").write_text(body)
+        (sql_dir / f"{LATEST + 1:03d}_fine.sql").write_text("CREATE TABLE fine (id int);\n")
+        (sql_dir / f"{LATEST + 2:03d}_commits.sql").write_text(body)
         with pytest.raises(MigrationError) as refused:
             migrations.migrate(conn, sql_dir)
         message = str(refused.value)
         assert "\n" not in message
-        assert message.startswith("migration 009_commits.sql controls its own transaction (")
-        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (7,)
+        assert message.startswith(
+            f"migration {LATEST + 2:03d}_commits.sql controls its own transaction ("
+        )
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (LATEST,)
         created = conn.execute("SELECT to_regclass('half_done'), to_regclass('fine')").fetchone()
         assert created == (None, None), "not even the migration before it ran"
 
@@ -188,7 +193,7 @@ def test_transaction_words_inside_comments_literals_and_bodies_are_not_statement
 ) -> None:
     sql_dir = tmp_path / "sql"
     shutil.copytree(PROJECT_DIR / "sql", sql_dir)
-    (sql_dir / "008_words.sql").write_text(
+    (sql_dir / f"{LATEST + 1:03d}_words.sql").write_text(
         "-- COMMIT;\n"
         "/* ROLLBACK; /* nested */ END; */\n"
         'CREATE TABLE words (said text, "commit" int);\n'
@@ -201,5 +206,5 @@ def test_transaction_words_inside_comments_literals_and_bodies_are_not_statement
         "SELECT CASE WHEN count(*) > 0 THEN 1 END FROM words;\n"
     )
     with db.connection(database_url) as conn:
-        assert migrations.migrate(conn, sql_dir)[-1] == "008_words.sql"
+        assert migrations.migrate(conn, sql_dir)[-1] == f"{LATEST + 1:03d}_words.sql"
         assert conn.execute("SELECT words_count()").fetchone() == (3,)

@@ -12,8 +12,6 @@ import time
 import httpx
 import pytest
 
-from marketdata_pipeline.warehouse import connection as db
-from marketdata_pipeline.warehouse import migrations
 from tests.conftest import PROJECT_DIR, free_port
 
 # The run worker of `dagster api execute_run` maps SIGTERM to SIGINT's handler before it
@@ -53,9 +51,8 @@ with dg.instance_for_test() as instance:
 
 
 @pytest.mark.slow
-def test_a_run_stops_within_seconds_of_sigterm(database_url: str) -> None:
-    with db.connection(database_url) as conn:
-        migrations.migrate(conn)
+def test_a_run_stops_within_seconds_of_sigterm(warehouse_url: str) -> None:
+    database_url = warehouse_url
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD],
         cwd=PROJECT_DIR,
