@@ -43,7 +43,7 @@ from marketdata_pipeline.quality.coverage import (
 from marketdata_pipeline.registry.symbols import active_symbols
 from marketdata_pipeline.warehouse.loading import refresh_aggregate
 
-# backfill_policy is marked beta; it is what turns a backfill into one run per symbol.
+# backfill_policy is marked beta; it lets a backfill put many partitions in one run.
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 # The partition mapping of stock bars onto their symbol's splits is marked beta too.
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*MultiToSingleDimension.*")
@@ -61,7 +61,7 @@ GROUP = "market_data"
 STOCK_SPLITS = dg.AssetKey("stock_splits")
 PREVIEW_ROWS = 5
 # A run takes at most ten years of months of one symbol (or one month of many symbols):
-# bounded work per run, and a backfill of S symbols x M months becomes about S runs.
+# bounded work per run. How Dagster cuts a backfill into runs: README and defs/backfills.py.
 MAX_PARTITIONS_PER_RUN = 120
 
 # Descriptions are Markdown in the UI: they start with words, never with ">" (a quote).

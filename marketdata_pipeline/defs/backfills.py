@@ -17,7 +17,7 @@ from pydantic import Field
 
 from marketdata_pipeline import clock, config
 from marketdata_pipeline.defs.admin_jobs import TAGS, failing_clearly
-from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, BarsAsset
+from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, MAX_PARTITIONS_PER_RUN, BarsAsset
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
 from marketdata_pipeline.domain import Market, Timeframe, next_month
@@ -25,7 +25,7 @@ from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.registry import symbols as registry
 
 OP = "plan_history_backfill"
-MAX_MONTHS_PER_RUN = 120  # as the bars assets' backfill policy: bounded work per run
+MAX_MONTHS_PER_RUN = MAX_PARTITIONS_PER_RUN  # as the bars assets' backfill policy
 
 
 class HistoryBackfillConfig(dg.Config):

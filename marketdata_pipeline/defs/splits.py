@@ -188,7 +188,16 @@ def split_revision_sensor(
     # A split announced earlier takes effect on its day, with no fetch to tell: the symbol's
     # splits partition is materialized here, so its bars show stale until the runs end.
     events = [
-        dg.AssetMaterialization(STOCK_SPLITS, partition=symbol, description=took_effect)
+        dg.AssetMaterialization(
+            STOCK_SPLITS,
+            partition=symbol,
+            description=took_effect,
+            metadata={
+                "change": took_effect,
+                "in_effect_since": dg.MetadataValue.timestamp(max(g.since for g in groups)),
+                "told_by": "split_revision_sensor: the change took effect on its day",
+            },
+        )
         for symbol, groups in by_symbol.items()
         if (took_effect := _took_effect(context.instance, symbol, groups))
     ]
