@@ -5,7 +5,7 @@
 #
 #   scripts/suite_at.sh 03:30 [pytest arguments...]
 #
-# Needs libfaketime (Debian: faketime) and gcc. Why not plain `faketime -f +SECONDS`:
+# Needs libfaketime (Debian: faketime; its thread-safe build) and gcc. Why not plain `faketime -f +SECONDS`:
 # libfaketime 0.9.10 fakes the monotonic clock too, and Python 3.11's timed waits
 # (Event.wait, Lock.acquire with a timeout, Queue.get) pass a faked monotonic deadline to
 # sem_clockwait, which it does not intercept: they wait the whole offset (hours). With
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 at="${1:?usage: scripts/suite_at.sh HH:MM [pytest arguments...]}"
 shift
-libfaketime=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
+libfaketime=/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
 [[ -e $libfaketime ]] || { echo "suite_at: $libfaketime not found (apt install faketime)" >&2; exit 2; }
 offset=$(.venv/bin/python - "$at" <<'EOF'
 import sys

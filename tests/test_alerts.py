@@ -66,7 +66,10 @@ EXPECTED_PER_TEST = {
     "test_a_failed_run_of_any_job_alerts_once_with_a_link_to_the_run": {"failed_run": 3},
     "test_an_alert_due_while_no_channel_was_set_is_sent_once_a_channel_is": {"failed_run": 1},
     "test_a_failed_channel_gets_the_alert_next_tick_and_the_other_not_twice": {"failed_run": 1},
-    "test_a_failed_error_check_alerts_once_with_a_link_to_the_asset": {"failed_check": 1},
+    "test_a_failed_error_check_alerts_once_with_a_link_to_the_asset": {
+        "failed_check": 1,
+        "stale_asset": 1,
+    },
     "test_a_stale_asset_alerts_once_until_its_freshness_passes_again": {"stale_asset": 2},
     "test_an_unreachable_warehouse_alerts_once_and_once_when_back": {
         "warehouse_unreachable": 1,

@@ -277,6 +277,8 @@ def test_the_night_of_a_months_first_session_loads_and_passes(
     counts that day, and every check passes."""
     symbols = ["AAPL", "MSFT"] if market is Market.STOCK else ["BTC", "ETH"]
     schedule = stock_bars_after_close if market is Market.STOCK else crypto_bars_daily
+    with psycopg.connect(warehouse_url) as conn:  # only the night's symbols are registered
+        conn.execute("DELETE FROM tracked_symbols WHERE NOT symbol = ANY(%s)", (symbols,))
     monkeypatch.setenv(clock.NOW_VARIABLE, tick.isoformat())
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(market.symbol_dimension, symbols)

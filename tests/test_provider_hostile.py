@@ -287,9 +287,9 @@ def test_a_key_echoed_in_a_successful_body_is_redacted_everywhere(conn) -> None:
 
 
 def test_a_run_with_late_bars_ends_green_with_every_month_whole(
-    migrated_url: str, monkeypatch: pytest.MonkeyPatch
+    warehouse_url: str,
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", migrated_url)
+    migrated_url = warehouse_url
     sim = Simulator()
     server = serve(sim)
     asset = next(a for a in bars_assets if a.key.path[-1] == "crypto_minute_bars")

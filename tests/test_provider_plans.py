@@ -8,7 +8,6 @@ import time
 from datetime import UTC, date, datetime
 
 import dagster as dg
-import pytest
 
 from marketdata_pipeline.defs.assets import bars_assets
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
@@ -100,9 +99,9 @@ def materialize_history(sim: Simulator, first: str, last: str):
 
 
 def test_months_the_plan_does_not_cover_are_unavailable_and_the_rest_load(
-    migrated_url: str, monkeypatch: pytest.MonkeyPatch
+    warehouse_url: str,
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", migrated_url)
+    migrated_url = warehouse_url
     sim = Simulator(api_key=KEY, plan="free", now=NOW)  # history back to 2022-06-15
     result, states = materialize_history(sim, "2022-01-01", "2022-12-01")
     assert result.success

@@ -639,7 +639,9 @@ def test_a_year_of_minute_bars_streams_without_being_held(
         grown_mib = (server.peak_rss_kib() - before) / 1024
     received_mib = received / 2**20
     print(f"{fmt}: {received_mib:.1f} MiB sent, server peak memory grew {grown_mib:.1f} MiB")
-    assert received_mib > 20 and grown_mib < 12, "the year was held, not streamed"
+    # Held, the year would raise the peak by at least what was sent (over 20 MiB in every
+    # format); streamed, by a batch or two (measured 0-12 MiB, parquet the most).
+    assert received_mib > 20 and grown_mib < received_mib / 2, "the year was held, not streamed"
 
 
 def test_a_client_that_hangs_up_mid_stream_frees_its_session(
