@@ -18,6 +18,7 @@ import pytest
 from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, BarsAsset, bars_assets
 from marketdata_pipeline.defs.checks import stale_symbols
 from marketdata_pipeline.defs.resources import PolygonResource, WarehouseResource
+from marketdata_pipeline.defs.sensors import backfill_status_sensor
 from marketdata_pipeline.domain import BAR_SCHEMA, Market, Timeframe, Window, next_month
 from marketdata_pipeline.polygon.simulator import Faults, Simulator, SimulatorHTTPServer
 from marketdata_pipeline.warehouse import connection as db
@@ -440,3 +441,11 @@ def test_a_partition_typed_into_the_ui_that_is_no_symbol_fails_in_one_line(
     assert "ZZZZ: not a registered stock symbol" in message
     assert "`marketdata symbols add ZZZZ`" in message
     assert not sim.requests
+    context = dg.build_sensor_context(
+        instance=instance, resources={"warehouse": WarehouseResource()}
+    )
+    status = backfill_status_sensor(context)
+    assert status is not None
+    with db.connection(warehouse_url) as conn:
+        rows = conn.execute("SELECT count(*) FROM backfill_state WHERE symbol = 'ZZZZ'")
+        assert rows.fetchone() == (0,), "no state for what is no symbol"

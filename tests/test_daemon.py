@@ -131,6 +131,14 @@ def test_check_daemon_holds_its_alert_until_a_channel_is_set(
             "marketdata: error: DAGSTER_HOME is not set: set it (and what its dagster.yaml "
             "reads, DAGSTER_PG_URL) as for the Dagster daemon\n",
         )
+    with monkeypatch.context() as unset:
+        unset.delenv("DAGSTER_PG_URL")
+        code, said = check_daemon(capsys)
+        assert (code, said) == (
+            1,
+            "marketdata: error: the Dagster instance of DAGSTER_HOME cannot be opened: "
+            "DAGSTER_PG_URL is not set\n",
+        )
     code, said = check_daemon(capsys)
     assert code == 1
     assert said.rstrip().endswith("1 alert (daemon_down) held until a channel is set"), said

@@ -4,13 +4,14 @@ check-daemon`, from cron): a daemon that stopped cannot report that it stopped."
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import dagster as dg
 
 from marketdata_pipeline import alerts, clock, config
 from marketdata_pipeline.alerts import Alert, AlertKind
-from marketdata_pipeline.errors import ConfigError
+from marketdata_pipeline.errors import ConfigError, first_line
 
 DEFAULT_MAX_AGE_SECONDS = 300
 # The check's own state (daemon down since, alerts held), in the Dagster instance's key-value
@@ -101,5 +102,14 @@ def check_daemon_of_this_home(max_age_seconds: float) -> DaemonCheck:
             "DAGSTER_HOME is not set: set it (and what its dagster.yaml reads, DAGSTER_PG_URL) "
             "as for the Dagster daemon"
         )
-    with dg.DagsterInstance.get() as instance:
+    try:
+        instance = dg.DagsterInstance.get()
+    except dg.DagsterError as error:  # its dagster.yaml names a setting that is not set
+        # Dagster's text is a dump of the config schema; the unset variable is what matters.
+        unset = re.search(r'environment variable "(\w+)" which is not set', str(error))
+        cause = f"{unset[1]} is not set" if unset else first_line(str(error), type(error).__name__)
+        raise ConfigError(
+            f"the Dagster instance of DAGSTER_HOME cannot be opened: {cause}"
+        ) from None
+    with instance:
         return check_daemon(instance, max_age_seconds)

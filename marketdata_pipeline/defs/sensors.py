@@ -366,7 +366,10 @@ def _failure_message(instance: dg.DagsterInstance, run_id: str, event: dg.EventL
         step_event = record.event_log_entry.dagster_event
         error = getattr(step_event.event_specific_data, "error", None) if step_event else None
         if error is not None:
-            return error.message.strip().splitlines()[0][:500]
+            # "dagster._core.definitions.events.Failure: words": the operator reads the words.
+            line = error.message.strip().splitlines()[0]
+            head, _, words = line.partition(": ")
+            return (words if head.rsplit(".", 1)[-1] == error.cls_name else line)[:500]
     return run_failure_message(instance, run_id, event.message)[:500]
 
 

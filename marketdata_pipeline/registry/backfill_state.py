@@ -36,8 +36,10 @@ class WindowState:
 _UPSERT = """
 INSERT INTO backfill_state AS s (asset, symbol, month, status, run_id, started_at,
     finished_at, rows_loaded, rows_rejected, error, revised_for, updated_at)
-VALUES (%(asset)s, %(symbol)s, %(month)s, %(status)s, %(run_id)s, %(started_at)s,
-    %(finished_at)s, %(rows_loaded)s, %(rows_rejected)s, %(error)s, %(revised_for)s, now())
+SELECT %(asset)s, %(symbol)s, %(month)s, %(status)s, %(run_id)s, %(started_at)s,
+    %(finished_at)s, %(rows_loaded)s, %(rows_rejected)s, %(error)s, %(revised_for)s, now()
+-- only a registered symbol has a state: a run of a partition typed into the UI leaves none
+WHERE EXISTS (SELECT FROM tracked_symbols WHERE symbol = %(symbol)s)
 ON CONFLICT (asset, symbol, month) DO UPDATE SET
     status = excluded.status, run_id = excluded.run_id, started_at = excluded.started_at,
     finished_at = excluded.finished_at, rows_loaded = excluded.rows_loaded,
