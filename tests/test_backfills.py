@@ -144,4 +144,8 @@ def test_backfill_history_refuses_an_unregistered_symbol_in_one_line(
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     message = failure.step_failure_data.error.message.strip()  # type: ignore[union-attr]
-    assert message.endswith("symbol NOPE is not registered") and "\n" not in message
+    assert "\n" not in message
+    assert message.endswith(
+        "symbol NOPE is not registered: register it with `marketdata symbols add` or the "
+        "add_symbol job"
+    )

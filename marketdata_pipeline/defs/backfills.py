@@ -21,7 +21,7 @@ from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS, MAX_PARTITIONS_PER_
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.defs.schedules import REFRESH_JOBS, bars_run
 from marketdata_pipeline.domain import Market, Timeframe, next_month
-from marketdata_pipeline.errors import ConfigError
+from marketdata_pipeline.errors import ConfigError, NotFound
 from marketdata_pipeline.registry import symbols as registry
 
 OP = "plan_history_backfill"
@@ -114,7 +114,12 @@ def registered_markets(conn: psycopg.Connection, symbols: Sequence[str]) -> dict
         raise ConfigError("symbols: name at least one registered symbol")
     markets: dict[str, Market] = {}
     for raw in symbols:
-        tracked = registry.get(conn, raw)
+        try:
+            tracked = registry.get(conn, raw)
+        except NotFound as error:
+            raise NotFound(
+                f"{error}: register it with `marketdata symbols add` or the add_symbol job"
+            ) from None
         if not tracked.active:
             raise ConfigError(
                 f"{tracked.symbol} is removed: add it again with `marketdata symbols add`"
