@@ -25,7 +25,7 @@ from marketdata_pipeline.defs.assets import ALL_BARS_ASSETS
 from marketdata_pipeline.defs.checks import FRESHNESS
 from marketdata_pipeline.defs.partitions import PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG
 from marketdata_pipeline.defs.resources import WarehouseResource
-from marketdata_pipeline.defs.sensors import run_failure_message, run_status_events
+from marketdata_pipeline.defs.sensors import error_text, run_failure_message, run_status_events
 from marketdata_pipeline.errors import first_line
 
 BARS_ASSET_KEYS = frozenset(dg.AssetKey(spec.name) for spec in ALL_BARS_ASSETS)
@@ -78,16 +78,6 @@ def _partitions(run: dg.DagsterRun) -> str:
     return f", partitions {start} to {end}" if start and end else ""
 
 
-def _error_text(message: str, class_name: str | None) -> str:
-    """An error's first line without the module path of its class; a dg.Failure's own
-    description without its class name (it is the text written for the operator)."""
-    line = first_line(message, class_name or "error")
-    head, separator, rest = line.partition(": ")
-    if separator and head.rsplit(".", 1)[-1] == class_name:
-        return rest if class_name == "Failure" else f"{class_name}: {rest}"
-    return line
-
-
 def _log_failures(log: logging.Logger, report: alerts.Report) -> None:
     for failure in report.failures():
         log.error(f"alert not delivered: {failure}")
@@ -119,7 +109,7 @@ def _run_failure_reason(instance: dg.DagsterInstance, run_id: str, message: str 
         event = record.event_log_entry.dagster_event
         error = event.step_failure_data.error if event and event.step_failure_data else None
         if error is not None:
-            return _error_text(error.message, error.cls_name)
+            return error_text(error.message, error.cls_name)
     return first_line(run_failure_message(instance, run_id, message), "the run failed")
 
 
@@ -337,7 +327,7 @@ def _tick_reason(error: Any) -> str:
     if error is None:
         return "no error recorded"
     inner = error.cause or error
-    return _error_text(inner.message, inner.cls_name)
+    return error_text(inner.message, inner.cls_name)
 
 
 @dg.sensor(

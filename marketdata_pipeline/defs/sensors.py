@@ -366,11 +366,18 @@ def _failure_message(instance: dg.DagsterInstance, run_id: str, event: dg.EventL
         step_event = record.event_log_entry.dagster_event
         error = getattr(step_event.event_specific_data, "error", None) if step_event else None
         if error is not None:
-            # "dagster._core.definitions.events.Failure: words": the operator reads the words.
-            line = error.message.strip().splitlines()[0]
-            head, _, words = line.partition(": ")
-            return (words if head.rsplit(".", 1)[-1] == error.cls_name else line)[:500]
+            return error_text(error.message, error.cls_name)[:500]
     return run_failure_message(instance, run_id, event.message)[:500]
+
+
+def error_text(message: str, class_name: str | None) -> str:
+    """An error's first line without the module path of its class; a dg.Failure's own
+    description without its class name (it is the text written for the operator)."""
+    line = first_line(message, class_name or "error")
+    head, separator, rest = line.partition(": ")
+    if separator and head.rsplit(".", 1)[-1] == class_name:
+        return rest if class_name == "Failure" else f"{class_name}: {rest}"
+    return line
 
 
 OUTSIDE_FAILURE = "This run has been marked as failed from outside the execution context."
