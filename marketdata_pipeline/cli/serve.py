@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import click
+import pyarrow as pa
 import uvicorn
 
 from marketdata_pipeline import config
@@ -58,6 +59,10 @@ def serve_command(
 ) -> None:
     """Serve the read-only HTTP API: bars, symbols, stats, health, usage (X-API-Key)."""
     limit = config.api_rate_limit(rate_limit)
+    # Streams encode their Arrow and Parquet chunks on whichever worker thread is free, and
+    # mimalloc (pyarrow's default) keeps freed memory in each thread's own heap: under load
+    # a year of Parquet raised the peak by 57 MiB. The system allocator gives it back (3.7).
+    pa.set_memory_pool(pa.system_memory_pool())
     url = embedded.warehouse_url()
     with connection(url) as conn:  # a clear error now rather than a 503 on every request
         if waiting := pending(conn):
