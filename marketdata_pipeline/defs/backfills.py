@@ -10,6 +10,7 @@ bars asset, each fetching the symbol's months in one paged stream.
 
 from collections.abc import Sequence
 from datetime import date
+from typing import cast
 
 import dagster as dg
 import psycopg
@@ -101,9 +102,9 @@ def plan_history_backfill(
     with failing_clearly(), warehouse.connection() as conn:
         markets = registered_markets(conn, config.symbols)
         runs = plan_runs(context.run_id, config, markets)
-    first, last = month_range(config)
+    months = f"{config.first_month}..{config.last_month or 'this month'}"
     context.log.info(
-        f"{len(markets)} symbol(s) x {first:%Y-%m}..{last:%Y-%m}: sensor history_backfill_runs "
+        f"{len(markets)} symbol(s) x {months}: sensor history_backfill_runs "
         f"requests {len(runs)} run(s), one per symbol and bars asset"
     )
 
@@ -152,7 +153,7 @@ def history_backfill_runs(
     context: dg.RunStatusSensorContext, warehouse: WarehouseResource
 ) -> list[dg.RunRequest]:
     run = context.dagster_run
-    ops: dict = run.run_config["ops"]  # type: ignore[assignment]
+    ops = cast("dict[str, dict]", run.run_config["ops"])
     plan = HistoryBackfillConfig(**ops[OP]["config"])
     with warehouse.connection() as conn:
         markets = registered_markets(conn, plan.symbols)
