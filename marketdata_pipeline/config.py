@@ -42,6 +42,27 @@ def database_url() -> str | None:
     return os.environ.get("DATABASE_URL") or None
 
 
+def deployed() -> bool:
+    """MARKETDATA_DEPLOYMENT=1 (the container image sets it): parts run on machines of their
+    own, so nothing may fall back to this machine (the embedded server, a UI on 127.0.0.1)."""
+    return _flag("MARKETDATA_DEPLOYMENT", default=False)
+
+
+def check_deployment() -> None:
+    """In a deployment, refuse to start without what only the operator can name."""
+    if not deployed():
+        return
+    if not _env("DATABASE_URL"):
+        raise _unset_in_deployment(
+            "DATABASE_URL", "a deployment has no embedded PostgreSQL: set it to the warehouse's URL"
+        )
+    alert_settings()
+
+
+def _unset_in_deployment(name: str, why: str) -> ConfigError:
+    return ConfigError(f"MARKETDATA_DEPLOYMENT is set but {name} is not: {why}")
+
+
 def polygon_base_url() -> str:
     return (os.environ.get("POLYGON_BASE_URL") or POLYGON_OFFICIAL_BASE_URL).rstrip("/")
 
@@ -167,7 +188,11 @@ def alert_settings() -> AlertSettings:
         raise ConfigError(
             "MARKETDATA_ALERT_WEBHOOK_URL must be an http(s) URL (its value is a secret: not shown)"
         )
-    ui_url = _env("MARKETDATA_UI_URL") or DEFAULT_UI_URL
+    ui_url = _env("MARKETDATA_UI_URL")
+    if ui_url is None:
+        if deployed():  # 127.0.0.1 is the reader's own machine, not the UI's
+            raise _unset_in_deployment("MARKETDATA_UI_URL", "set it to the UI's address")
+        ui_url = DEFAULT_UI_URL
     if not _is_http_url(ui_url):
         raise ConfigError(f"MARKETDATA_UI_URL must be an http(s) URL, got {ui_url!r}")
     return AlertSettings(webhook_url=webhook_url, smtp=_smtp_settings(), ui_url=ui_url.rstrip("/"))

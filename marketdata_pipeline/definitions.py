@@ -18,10 +18,15 @@ from marketdata_pipeline.defs.splits import (
     stock_splits_daily,
     stock_splits_refresh,
 )
+from marketdata_pipeline.registry import key_delivery
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    # A deployment's code server refuses to load, in one line, without the settings it needs,
+    # rather than fail run by run (or start an empty embedded warehouse).
+    config.check_deployment()
+    key_delivery.configured_recipient()
     return dg.Definitions(
         assets=[*bars_assets, stock_splits],
         jobs=[

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,9 +27,10 @@ from marketdata_pipeline.defs.sensors import (
     window_states,
 )
 from marketdata_pipeline.domain import AssetClass
+from marketdata_pipeline.errors import NotFound
 from marketdata_pipeline.polygon.simulator import Faults
 from marketdata_pipeline.registry import api_keys as apikeys
-from marketdata_pipeline.registry import backfill_state
+from marketdata_pipeline.registry import backfill_state, key_delivery
 from marketdata_pipeline.registry import symbols as registry
 from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse.bootstrap import bootstrap
@@ -276,7 +276,9 @@ def add_config(**config: str) -> dict:
     return {"ops": {"register_symbol": {"config": config}}}
 
 
-def test_admin_jobs_and_no_secret_in_the_event_log(url, instance, tmp_path: Path) -> None:
+def test_admin_jobs_and_no_secret_in_the_event_log(
+    url, instance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     defs = dg.Definitions(jobs=[add_symbol, remove_symbol, create_api_key], resources=RESOURCES)
     added = defs.get_job_def("add_symbol").execute_in_process(
         instance=instance,
@@ -316,14 +318,21 @@ def test_admin_jobs_and_no_secret_in_the_event_log(url, instance, tmp_path: Path
         .success
     )
 
+    identity = key_delivery.create_identity(tmp_path / "operator-identity")
+    recipient = key_delivery.public_text(identity.recipient)
+    monkeypatch.setenv(key_delivery.RECIPIENT_VARIABLE, recipient)
     created = defs.get_job_def("create_api_key").execute_in_process(
         instance=instance, run_config={"ops": {"issue_api_key": {"config": {"name": "ops"}}}}
     )
     assert created.success
-    key_file = tmp_path / "api-keys" / "key-2.txt"
-    raw = key_file.read_text().strip()
-    assert raw.startswith("mdw_")
-    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    with db.connection(url) as conn:
+        [(sealed,)] = conn.execute("SELECT sealed FROM api_key_deliveries WHERE key_id = 2")
+        raw = key_delivery.reveal(conn, 2, identity)
+        assert apikeys.authenticate(conn, raw).name == "ops"
+        with pytest.raises(NotFound, match="no sealed raw key waits for API key 2"):
+            key_delivery.reveal(conn, 2, identity)  # shown once
+    assert raw.startswith("mdw_") and raw.encode() not in bytes(sealed)
+    assert not list(tmp_path.glob("**/key-*")), "nothing on the run's disk"
 
     everything = []
     for run in instance.get_runs():
@@ -331,9 +340,25 @@ def test_admin_jobs_and_no_secret_in_the_event_log(url, instance, tmp_path: Path
             everything.append(str(record))
         everything.append(str(run.run_config))
     text = "\n".join(everything)
-    assert str(key_file) in text, "the operator is told where the key is"
+    assert "marketdata keys reveal 2" in text and recipient in text, "the operator is told how"
     assert raw not in text
     assert raw.removeprefix("mdw_")[:20] not in text
+
+
+def test_create_api_key_without_a_recipient_creates_nothing(
+    url, instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(key_delivery.RECIPIENT_VARIABLE, raising=False)
+    result = create_key(instance, "nobody")
+    assert not result.success
+    message = step_failure(result)
+    assert "MARKETDATA_KEY_RECIPIENT is not set" in message and "keys identity" in message
+    with db.connection(url) as conn:
+        assert apikeys.find_by_name(conn, "nobody") is None, "no key that no one can read"
+
+    monkeypatch.setenv(key_delivery.RECIPIENT_VARIABLE, "mdpub_not-a-key")
+    malformed = create_key(instance, "nobody")
+    assert "MARKETDATA_KEY_RECIPIENT must be a public key" in step_failure(malformed)
 
 
 def test_polygon_key_stays_out_of_resource_config() -> None:
@@ -361,55 +386,6 @@ def create_key(instance: dg.DagsterInstance, name: str) -> dg.ExecuteInProcessRe
         run_config={"ops": {"issue_api_key": {"config": {"name": name}}}},
         raise_on_error=False,
     )
-
-
-def test_create_api_key_never_writes_through_a_link(url, instance, tmp_path: Path) -> None:
-    directory = tmp_path / "api-keys"
-    directory.mkdir(mode=0o755)
-    directory.chmod(0o755)
-    elsewhere = tmp_path / "elsewhere.txt"
-    elsewhere.write_text("not yours\n")
-    (directory / "key-2.txt").symlink_to(elsewhere)
-
-    linked = create_key(instance, "linked")
-    assert not linked.success
-    message = step_failure(linked)
-    assert "API key 2 was created" in message and "revoke it" in message, message
-    assert "marketdata keys revoke 2" in message
-    assert len(message.strip().splitlines()) == 1, message
-    assert elsewhere.read_text() == "not yours\n", "the link's target is untouched"
-    assert (directory / "key-2.txt").is_symlink()
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700, "an existing directory is tightened"
-    with db.connection(url) as conn:
-        assert apikeys.get(conn, 2).name == "linked", "the key row exists: revoke it"
-
-    (directory / "key-3.txt").write_text("an older file\n")
-    existing = create_key(instance, "existing")
-    assert not existing.success
-    assert "API key 3 was created" in step_failure(existing)
-    assert (directory / "key-3.txt").read_text() == "an older file\n"
-
-    fresh = create_key(instance, "fresh")
-    assert fresh.success
-    key_file = directory / "key-4.txt"
-    assert key_file.read_text().startswith("mdw_")
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-
-
-def test_create_api_key_refuses_a_linked_directory(url, instance, tmp_path: Path) -> None:
-    target = tmp_path / "shared"
-    target.mkdir(mode=0o777)
-    (tmp_path / "api-keys").symlink_to(target)
-    result = create_key(instance, "ops")
-    assert not result.success
-    assert "API key 2 was created" in step_failure(result)
-    assert list(target.iterdir()) == []
-
-
-def test_create_api_key_makes_a_private_directory(url, instance, tmp_path: Path) -> None:
-    assert create_key(instance, "ops").success
-    assert stat.S_IMODE((tmp_path / "api-keys").stat().st_mode) == 0o700
-    assert stat.S_IMODE((tmp_path / "api-keys" / "key-2.txt").stat().st_mode) == 0o600
 
 
 def test_revoke_key_job_with_an_id_beyond_bigint_fails_with_one_line(url, instance) -> None:

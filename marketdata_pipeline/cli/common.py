@@ -42,3 +42,9 @@ def print_bootstrap(result: BootstrapResult) -> None:
         click.echo(f"seeded {len(result.symbols_added)} symbols: {' '.join(result.symbols_added)}")
     if result.admin_key:
         click.echo(f"admin API key (shown once, store it now): {result.admin_key}")
+    if result.sealed_admin_key_id:
+        click.echo(
+            f"admin API key {result.sealed_admin_key_id} created, sealed to "
+            f"MARKETDATA_KEY_RECIPIENT: `marketdata keys reveal {result.sealed_admin_key_id}` "
+            "shows it once"
+        )

@@ -7,6 +7,7 @@ import click
 from marketdata_pipeline import config
 from marketdata_pipeline.cli.common import print_bootstrap, warehouse
 from marketdata_pipeline.errors import ConfigError
+from marketdata_pipeline.registry import key_delivery
 from marketdata_pipeline.warehouse import embedded, migrations
 from marketdata_pipeline.warehouse.bootstrap import bootstrap
 from marketdata_pipeline.warehouse.connection import connection, describe
@@ -67,5 +68,6 @@ def db_stop() -> None:
 @click.command("bootstrap")
 def bootstrap_command() -> None:
     """Migrate, verify the schema, create the admin API key and seed the default symbols."""
+    recipient = key_delivery.configured_recipient()
     with warehouse() as conn:
-        print_bootstrap(bootstrap(conn))
+        print_bootstrap(bootstrap(conn, recipient))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from marketdata_pipeline.cli.common import table, warehouse, when
-from marketdata_pipeline.registry import api_keys
+from marketdata_pipeline.registry import api_keys, key_delivery
 
 # Bounded so an id beyond the bigint column is a usage error, not a PostgreSQL error.
 KEY_ID = click.IntRange(1, api_keys.MAX_KEY_ID)
@@ -31,14 +33,43 @@ def keys_list() -> None:
     """Every key (never its hash)."""
     with warehouse() as conn:
         keys = api_keys.list_keys(conn)
+        sealed = key_delivery.waiting(conn)
     table(
-        ["ID", "NAME", "ACTIVE", "CREATED", "LAST USED", "ENDPOINT", "REQUESTS"],
+        ["ID", "NAME", "ACTIVE", "CREATED", "LAST USED", "ENDPOINT", "REQUESTS", "RAW KEY"],
         [
             [k.id, k.name, "yes" if k.active else "revoked", when(k.created_at),
-             when(k.last_used), k.last_used_endpoint or "", k.request_count]
+             when(k.last_used), k.last_used_endpoint or "", k.request_count,
+             "sealed: keys reveal" if k.id in sealed else "-"]
             for k in keys
         ],
     )  # fmt: skip
+
+
+IDENTITY = click.Path(dir_okay=False, path_type=Path)
+
+
+@keys_group.command("identity")
+@click.argument("path", required=False, type=IDENTITY)
+def keys_identity(path: Path | None) -> None:
+    """Make an operator's key pair at PATH (default: MARKETDATA_KEY_IDENTITY, else
+    $MARKETDATA_HOME/key-identity) and print its public key, MARKETDATA_KEY_RECIPIENT's value:
+    keys that runs create are sealed to it, and only this file opens them."""
+    path = key_delivery.identity_path(path)
+    identity = key_delivery.create_identity(path)
+    click.echo(f"wrote {path} (private: keep it to yourself); set in the deployment:")
+    click.echo(f"{key_delivery.RECIPIENT_VARIABLE}={key_delivery.public_text(identity.recipient)}")
+
+
+@keys_group.command("reveal")
+@click.argument("key_id", type=KEY_ID)
+@click.option("--identity", "identity_file", type=IDENTITY, help="The key pair's file.")
+def keys_reveal(key_id: int, identity_file: Path | None) -> None:
+    """Print the raw key of KEY_ID that a run sealed, once: it is erased as it is shown."""
+    identity = key_delivery.load_identity(key_delivery.identity_path(identity_file))
+    with warehouse() as conn:
+        raw = key_delivery.reveal(conn, key_id, identity)
+    click.echo(f"key {key_id}; shown once, store it now:")
+    click.echo(raw)
 
 
 def _key_action(action: str, verb: str) -> click.Command:

@@ -22,6 +22,7 @@ from marketdata_pipeline.cli.serve import listen
 from marketdata_pipeline.cli.simulator import SPLIT, StagedSplit
 from marketdata_pipeline.errors import ConfigError, MarketdataError
 from marketdata_pipeline.polygon.simulator import Simulator, SimulatorHTTPServer, serve
+from marketdata_pipeline.registry import key_delivery
 from marketdata_pipeline.warehouse import embedded
 from marketdata_pipeline.warehouse.bootstrap import bootstrap
 from marketdata_pipeline.warehouse.connection import (
@@ -74,7 +75,7 @@ def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> Non
     api_socket = listen("127.0.0.1", api_port, " (the read API, --api-port)")
     listen("127.0.0.1", port, " (the Dagster UI, --port)").close()
     # Resolved once, here: Dagster's processes start in the Dagster home, where a relative
-    # MARKETDATA_HOME would name another folder (and put API key files there).
+    # MARKETDATA_HOME would name another folder.
     os.environ["MARKETDATA_HOME"] = str(config.marketdata_home())
     on_embedded = not config.database_url()  # read now: the UI's env sets DATABASE_URL below
     started_embedded = on_embedded and not embedded.is_running()
@@ -97,6 +98,7 @@ def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> Non
         _register_symbol_partitions(url)
         ui_url = f"http://127.0.0.1:{port}"
         os.environ.setdefault("MARKETDATA_UI_URL", ui_url)  # the alerts' links point here
+        _seal_launchpad_keys_to_this_home()
         click.echo(f"Dagster UI: {ui_url}  (warehouse {describe(url)})")
         if on_embedded:
             click.echo(
@@ -175,6 +177,18 @@ def _stop(children: list[subprocess.Popen[bytes]]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def _seal_launchpad_keys_to_this_home() -> None:
+    """Without MARKETDATA_KEY_RECIPIENT, keys the launchpad makes are sealed to this home's
+    own identity (made on first start), which `marketdata keys reveal` reads by default."""
+    if key_delivery.configured_recipient() is not None:
+        return
+    path = key_delivery.identity_path()
+    identity = (
+        key_delivery.load_identity(path) if path.exists() else key_delivery.create_identity(path)
+    )
+    os.environ[key_delivery.RECIPIENT_VARIABLE] = key_delivery.public_text(identity.recipient)
 
 
 def _dagster_instance(url: str, simulated: bool) -> Path:

@@ -1,19 +1,15 @@
 """Jobs an operator launches from the UI's launchpad: symbols and API keys."""
 
-import errno
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from marketdata_pipeline import config
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.domain import AssetClass
-from marketdata_pipeline.errors import MarketdataError
-from marketdata_pipeline.registry import api_keys, symbols
+from marketdata_pipeline.errors import ConfigError, MarketdataError
+from marketdata_pipeline.registry import api_keys, key_delivery, symbols
 
 TAGS = {"marketdata/kind": "admin"}
 
@@ -71,11 +67,22 @@ def deactivate_symbol(
 def issue_api_key(
     context: dg.OpExecutionContext, config: CreateKeyConfig, warehouse: WarehouseResource
 ) -> None:
-    with warehouse.connection() as conn, failing_clearly():
-        key, raw = api_keys.create(conn, config.name)
-    path = _deliver(key.id, raw)
-    # The raw key goes to a file only the operator's account can read, never to the event log.
-    context.log.info(f"created API key {key.id} ({key.name}); the raw key is in {path}")
+    # A run's disk and log are no place for a raw key (its container is gone when it ends):
+    # it is sealed to the operator's public key and kept in the warehouse until revealed.
+    with failing_clearly():
+        recipient = key_delivery.configured_recipient()
+        if recipient is None:
+            raise ConfigError(
+                f"{key_delivery.RECIPIENT_VARIABLE} is not set, so the new key could reach no "
+                "operator: set it to the public key `marketdata keys identity` prints"
+            )
+        with warehouse.connection() as conn, conn.transaction():
+            key, raw = api_keys.create(conn, config.name)
+            key_delivery.seal(conn, key.id, raw, recipient)
+    context.log.info(
+        f"created API key {key.id} ({key.name}), sealed to {key_delivery.public_text(recipient)}: "
+        f"`marketdata keys reveal {key.id}` shows it once"
+    )
 
 
 @dg.op
@@ -85,46 +92,6 @@ def revoke_api_key(
     with warehouse.connection() as conn, failing_clearly():
         key = api_keys.revoke(conn, config.key_id)
     context.log.info(f"revoked API key {key.id} ({key.name})")
-
-
-_UNSAFE = {
-    errno.EEXIST: "a file or link is already there",
-    errno.ELOOP: "the directory is a symbolic link",
-    errno.ENOTDIR: "the directory is not a directory",
-}
-
-
-def _deliver(key_id: int, raw: str) -> Path:
-    """Write the raw key to a new file only this account can read, or fail the run.
-
-    Never through a link or into a file that is already there: whoever placed it could read
-    the key, or have it overwrite another file. The directory is opened once without following
-    a link, and the file is created relative to that descriptor, so what is checked is what is
-    written to.
-    """
-    directory = config.marketdata_home() / "api-keys"
-    path = directory / f"key-{key_id}.txt"
-    try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            if os.fstat(dir_fd).st_uid != os.geteuid():
-                raise PermissionError(errno.EPERM, "the directory is owned by another user")
-            os.fchmod(dir_fd, 0o700)  # one that was already there may be open to others
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            descriptor = os.open(path.name, flags, 0o600, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as error:
-        reason = _UNSAFE.get(error.errno or 0) or error.strerror or "unknown error"
-        raise dg.Failure(
-            description=f"API key {key_id} was created, but its raw key could not be written "
-            f"safely to {path} ({reason}); revoke it (marketdata keys revoke {key_id}) and "
-            "create another"
-        ) from None
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(raw + "\n")
-    return path
 
 
 @dg.job(tags=TAGS, description="Register a symbol (or reactivate a removed one).")
@@ -139,8 +106,8 @@ def remove_symbol() -> None:
 
 @dg.job(
     tags=TAGS,
-    description="Create an API key. The raw key is written to a file readable only by the "
-    "operator ($MARKETDATA_HOME/api-keys/key-<id>.txt), never to the event log.",
+    description="Create an API key, sealed to MARKETDATA_KEY_RECIPIENT in the warehouse until "
+    "`marketdata keys reveal ID` shows it once; never in the event log or on the run's disk.",
 )
 def create_api_key() -> None:
     issue_api_key()

@@ -121,6 +121,7 @@ def warehouse_url(database: str | None = None) -> str:
     url = config.database_url()
     if url:
         return url
+    config.check_deployment()  # a deployment names its warehouse: never an empty one of ours
     ui = running_ui()
     name = database or (ui.database if ui else DEFAULT_DATABASE)
     admin = start()
