@@ -30,6 +30,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 # operator would, for this process and every one it starts (a test of the refusal unsets it).
 os.environ["MARKETDATA_ALLOW_SYNTHETIC"] = "1"
 PGLITE_DIR = Path(__file__).resolve().parent / "pglite"
+# The shipped migrations' latest version: a test's own files come after it.
+LATEST = max(int(path.name[:3]) for path in (PROJECT_DIR / "sql").glob("*.sql"))
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,7 @@ from marketdata_pipeline.errors import MigrationError
 from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse import migrations
 from marketdata_pipeline.warehouse.bootstrap import TABLES, VIEWS
-from tests.conftest import PROJECT_DIR
-
-# The shipped migrations' latest version: a test's own files come after it.
-LATEST = max(int(path.name[:3]) for path in (PROJECT_DIR / "sql").glob("*.sql"))
+from tests.conftest import LATEST, PROJECT_DIR
 
 
 def relations(conn: psycopg.Connection) -> set[str]:
@@ -93,7 +90,7 @@ def test_concurrent_runners_serialize_one_applies_the_other_waits(database_url: 
     assert stdouts[0].count("applied ") == LATEST
     assert "nothing to apply" in stdouts[1]
     with db.connection(database_url) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (8,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (LATEST,)
 
 
 def _advisory_waiters(conn: psycopg.Connection) -> int:
@@ -117,13 +114,15 @@ def test_edited_applied_migration_is_refused_by_name(database_url: str, tmp_path
 def test_failed_migration_leaves_the_last_good_version(database_url: str, tmp_path: Path) -> None:
     sql_dir = tmp_path / "sql"
     shutil.copytree(PROJECT_DIR / "sql", sql_dir)
-    (sql_dir / "009_broken.sql").write_text(
+    (sql_dir / f"{LATEST + 1:03d}_broken.sql").write_text(
         "CREATE TABLE half_done (id int);\nSELECT * FROM no_such_table;\n"
     )
     with db.connection(database_url) as conn:
-        with pytest.raises(MigrationError, match=r"009_broken\.sql failed: .*no_such_table"):
+        with pytest.raises(
+            MigrationError, match=rf"{LATEST + 1:03d}_broken\.sql failed: .*no_such_table"
+        ):
             migrations.migrate(conn, sql_dir)
-        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (8,)
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (LATEST,)
         assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
 
 

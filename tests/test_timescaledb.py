@@ -15,6 +15,7 @@ from marketdata_pipeline.warehouse import reading
 from marketdata_pipeline.warehouse.loading import refresh_aggregate
 from marketdata_pipeline.warehouse.reading import BarRange, BarSize
 from tests.conftest import run_cli
+from tests.test_migrations import LATEST
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_second_migrate_is_a_no_op(migrated: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "nothing to apply" in result.stdout
     with psycopg.connect(migrated) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (8,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (LATEST,)
 
 
 def test_the_read_api_queries_read_the_continuous_aggregates(migrated: str) -> None:
