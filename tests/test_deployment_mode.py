@@ -31,7 +31,7 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_no_command_falls_back_to_an_embedded_server(tmp_path: Path) -> None:
-    for command in (["bootstrap"], ["symbols", "list"], ["keys", "list"], ["db", "status"]):
+    for command in (["bootstrap"], ["symbols", "list"], ["keys", "list"], ["serve"], ["ui"]):
         error = one_line(run_cli(*command, env=deployed(tmp_path)))
         assert "MARKETDATA_DEPLOYMENT is set but DATABASE_URL is not" in error, error
     assert not (tmp_path / "pgdata").exists(), "no embedded server was started"

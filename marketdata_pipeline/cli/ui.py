@@ -59,6 +59,7 @@ def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> Non
     Without POLYGON_API_KEY (and POLYGON_BASE_URL) this is the offline demo: bars come from
     the built-in simulator and go to their own embedded database, `marketdata_demo`.
     """
+    config.check_deployment()
     simulated = not os.environ.get("POLYGON_API_KEY") and not os.environ.get("POLYGON_BASE_URL")
     if simulated and config.database_url():
         raise ConfigError(
