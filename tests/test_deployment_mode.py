@@ -15,6 +15,7 @@ import pytest
 from marketdata_pipeline import config
 from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.warehouse import connection as db
+from marketdata_pipeline.warehouse.connection import psycopg2_url, with_database
 from tests.conftest import PROJECT_DIR, run_cli
 
 RAW_KEY = re.compile(r"mdw_[A-Za-z0-9_-]{43}")
@@ -92,8 +93,15 @@ def test_bootstrap_in_a_deployment_seals_the_admin_key_and_reveal_shows_it_once(
     assert "already exists" in again, "an identity is never overwritten"
 
     env["MARKETDATA_KEY_RECIPIENT"] = recipient
+    dagster_db = f"{database_url.rsplit('/', 1)[1]}_dagster"
+    env["DAGSTER_PG_URL"] = psycopg2_url(with_database(database_url, dagster_db))
     boot = run_cli("bootstrap", env=env)
     assert boot.returncode == 0, boot.stderr
+    assert f"Dagster's instance database {dagster_db} is ready" in boot.stdout
+    with db.connection(database_url, autocommit=True) as conn:
+        exists = "SELECT count(*) FROM pg_database WHERE datname = %s"
+        assert conn.execute(exists, (dagster_db,)).fetchone() == (1,)
+        conn.execute(f'DROP DATABASE "{dagster_db}"')
     assert not RAW_KEY.search(boot.stdout + boot.stderr)
     assert "marketdata keys reveal 1" in boot.stdout
     listed = run_cli("keys", "list", env=env)

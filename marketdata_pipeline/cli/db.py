@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from marketdata_pipeline import config
@@ -9,7 +11,7 @@ from marketdata_pipeline.cli.common import print_bootstrap, warehouse
 from marketdata_pipeline.errors import ConfigError
 from marketdata_pipeline.registry import key_delivery
 from marketdata_pipeline.warehouse import embedded, migrations
-from marketdata_pipeline.warehouse.bootstrap import bootstrap
+from marketdata_pipeline.warehouse.bootstrap import bootstrap, ensure_instance_database
 from marketdata_pipeline.warehouse.connection import connection, describe
 from marketdata_pipeline.warehouse.status import status
 
@@ -71,3 +73,6 @@ def bootstrap_command() -> None:
     recipient = key_delivery.configured_recipient()
     with warehouse() as conn:
         print_bootstrap(bootstrap(conn, recipient))
+    dagster_url = os.environ.get("DAGSTER_PG_URL")
+    if dagster_url and (name := ensure_instance_database(embedded.warehouse_url(), dagster_url)):
+        click.echo(f"Dagster's instance database {name} is ready (DAGSTER_PG_URL)")

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import psycopg
 from nacl.public import PublicKey
+from psycopg.conninfo import conninfo_to_dict
 
 from marketdata_pipeline import config
 from marketdata_pipeline.config import DEFAULT_SYMBOLS
 from marketdata_pipeline.errors import ConfigError, MigrationError
 from marketdata_pipeline.registry import api_keys, key_delivery, symbols
-from marketdata_pipeline.warehouse import migrations
+from marketdata_pipeline.warehouse import embedded, migrations
 
 ADMIN_KEY_NAME = "admin"
 TABLES = (
@@ -82,3 +83,18 @@ def bootstrap(conn: psycopg.Connection, recipient: PublicKey | None = None) -> B
                 admin_key, sealed_id = None, key.id
         added = symbols.seed(conn, DEFAULT_SYMBOLS)
     return BootstrapResult(applied, admin_key, added, sealed_id)
+
+
+def ensure_instance_database(warehouse_url: str, dagster_url: str) -> str | None:
+    """Create the Dagster instance's database (DAGSTER_PG_URL) when it is on the warehouse's
+    server and missing, so that one bootstrap readies a deployment; returns its name. On
+    another server it is the operator's to make."""
+    scheme, _, rest = dagster_url.partition("://")  # SQLAlchemy's postgresql+psycopg2://
+    dagster = conninfo_to_dict(f"{scheme.split('+')[0]}://{rest}" if rest else dagster_url)
+    warehouse = conninfo_to_dict(warehouse_url)
+    name = dagster.get("dbname")
+    server = ("host", "port", "hostaddr")
+    if not name or any(warehouse.get(k) != dagster.get(k) for k in server):
+        return None
+    embedded.ensure_database(warehouse_url, str(name))
+    return str(name)
