@@ -42,6 +42,7 @@ def test_fresh_database_gets_every_table_and_a_checksummed_ledger(database_url: 
             "006_symbol_beyond_the_plan.sql",
             "007_splits.sql",
             "008_hourly_bars_by_range.postgres.sql",
+            "010_api_limits_across_processes.sql",
         ]
         assert set(TABLES) | set(VIEWS) <= relations(conn)
         ledger = conn.execute(
@@ -89,7 +90,7 @@ def test_concurrent_runners_serialize_one_applies_the_other_waits(database_url: 
 
     assert [r.returncode for r in runners] == [0, 0], outputs
     stdouts = sorted(out for out, _ in outputs)
-    assert stdouts[0].count("applied ") == 8
+    assert stdouts[0].count("applied ") == 9
     assert "nothing to apply" in stdouts[1]
     with db.connection(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (8,)
