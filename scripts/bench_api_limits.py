@@ -1,15 +1,16 @@
 """What keeping the read API's limits outside the process costs: requests a second through one
 `marketdata serve` process with its limits in memory, in the warehouse, or in Redis.
 
-    python scripts/bench_api_limits.py [--seconds 20] [--connections 8] [--rounds 3]
+    python scripts/bench_api_limits.py [--seconds 20] [--connections 8] [--rounds 3] [--keys 200]
 
 Needs `wrk` (Debian's package); the Redis figures need `redis-server` (Debian's) and the
 `redis` client (`pip install redis`, not a dependency of the project), else they are skipped.
 On a fresh `marketdata_bench_limits` database (the embedded PostgreSQL, or the server of
-DATABASE_URL) one key asks `GET /v1/health` (a key checked, its request counted, a slot
-taken and given back, the request audited: the smallest request with a key) over
---connections connections (at most 8: a key's requests in progress) for --seconds, each
-backend in turn, --rounds times; the median of the rounds is reported.
+DATABASE_URL) --keys keys take turns to ask `GET /v1/health` (a key checked, its request
+counted, a slot taken and given back, the request audited: the smallest request with a
+key), each within the default rate limit of 600 a minute (so that a key's window holds what
+it holds in use), over --connections connections for --seconds, each backend in turn,
+--rounds times; the median of the rounds is reported.
 
 - memory: `limits`' moving window on MemoryStorage and counters in the process (what one
   process did before the limits were shared; several processes would each allow the limit);
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import shutil
 import statistics
@@ -53,7 +55,17 @@ from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse import embedded, migrations
 
 DATABASE = "marketdata_bench_limits"
-RATE_LIMIT = "100000000/minute"  # never reached: the cost of counting is measured
+RATE_LIMIT = config.DEFAULT_API_RATE_LIMIT
+# wrk asks with each key in turn (each of its threads from its own place in the list).
+WRK_SCRIPT = """
+local keys = {}
+for line in io.lines(os.getenv("BENCH_KEYS")) do keys[#keys + 1] = line end
+local turn = math.random(#keys)
+request = function()
+  turn = turn % #keys + 1
+  return wrk.format("GET", "/v1/health", {["X-API-Key"] = keys[turn]})
+end
+"""
 BACKENDS = ("memory", "warehouse", "redis")
 
 
@@ -94,9 +106,11 @@ class _LocalLimits(SharedLimits):
     async def remaining(self, pool: WarehousePool, bucket: str) -> int:
         return self.limiter.get_window_stats(self.rate_limit, bucket)[1]
 
+    def give_back(self, conn: psycopg.Connection, slot: int) -> None:
+        self._give_back(self.slots.pop(slot))
+
     async def release(self, pool: WarehousePool, slot: int) -> None:
-        counter = self.slots.pop(slot)
-        await anyio.to_thread.run_sync(self._give_back, counter)
+        await anyio.to_thread.run_sync(self._give_back, self.slots.pop(slot))
 
     def register(self, conn: psycopg.Connection) -> None:
         pass
@@ -176,11 +190,13 @@ def server(backend: str, url: str, redis_url: str, log: Path) -> Iterator[str]:
         process.wait(timeout=20)
 
 
-def wrk(base: str, key: str, seconds: int, connections: int) -> dict[str, float]:
+def wrk(base: str, keys: Path, seconds: int, connections: int) -> dict[str, float]:
+    script = keys.with_suffix(".lua")
+    script.write_text(WRK_SCRIPT)
     done = subprocess.run(
-        ["wrk", "--latency", "-t2", f"-c{connections}", f"-d{seconds}s",
-         "-H", f"X-API-Key: {key}", f"{base}/v1/health"],
-        capture_output=True, text=True, check=True,
+        ["wrk", "--latency", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
+         base],
+        capture_output=True, text=True, check=True, env={**os.environ, "BENCH_KEYS": str(keys)},
     )  # fmt: skip
     out = done.stdout
     if "Non-2xx" in out:
@@ -223,7 +239,8 @@ def redis_server() -> Iterator[str | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument("--connections", type=int, default=8, choices=range(1, 9))
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--keys", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -236,24 +253,30 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
     url = fresh_database(config.database_url() or embedded.start(), DATABASE)
+    work = Path(tempfile.mkdtemp(prefix="bench_api_limits_"))
+    keys = work / "keys.txt"  # raw keys: a throwaway database's, removed at the end
     with db.connection(url) as conn:
         migrations.migrate(conn)
-        key = api_keys.create(conn, "bench")[1]
-    log = Path(tempfile.gettempdir()) / "bench_api_limits_serve.log"
+        raw = [api_keys.create(conn, f"bench {i}")[1] for i in range(args.keys)]
+    keys.write_text("\n".join(raw) + "\n")
+    log = work / "serve.log"
     figures: dict[str, list[dict[str, float]]] = {}
     with redis_server() as redis_url:
         backends = [b for b in BACKENDS if b != "redis" or redis_url]
         for round_number in range(args.rounds):
             for backend in backends:
                 with server(backend, url, redis_url or "", log) as base:
-                    wrk(base, key, 2, args.connections)  # warm-up
-                    run = wrk(base, key, args.seconds, args.connections)
+                    wrk(base, keys, 2, args.connections)  # warm-up
+                    time.sleep(1)  # its last requests, cut off by wrk, are still in progress
+                    run = wrk(base, keys, args.seconds, args.connections)
                 figures.setdefault(backend, []).append(run)
                 shown = f"{run['rps']:.0f} requests/s, p50 {run['p50_ms']:.2f} ms"
                 print(f"round {round_number + 1} {backend}: {shown}", flush=True)
     about = machine(url)
     print(f"\nmachine: {about['cpu']}; {about['os']}\ndatabase: {about['database']}")
-    print(f"{args.connections} connections, {args.seconds} s a run, median of {args.rounds}:")
+    shutil.rmtree(work)
+    print(f"{args.keys} keys, {args.connections} connections, {args.seconds} s a run, "
+          f"median of {args.rounds}:")  # fmt: skip
     print("| limits in | requests/s | p50 ms | p99 ms |\n| --- | ---: | ---: | ---: |")
     for backend, runs in figures.items():
         median = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms")}

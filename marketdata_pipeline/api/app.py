@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -114,25 +115,53 @@ class KeyGate:
             await _unavailable(unavailable)(scope, receive, send)
             return
         key_id, slot = admission.audited_key_id, admission.slot
+
+        async def give_slot_back() -> None:
+            nonlocal slot
+            if slot is not None:
+                taken, slot = slot, None
+                await self.limits.release(self.warehouse, taken)
+
         if admission.key is not None:
             scope.setdefault("state", {})["api_key"] = admission.key
         # Audited against the header's key, if it is valid.
         refusal = in_url or self._refusal(admission)
 
+        endpoint = scope["path"][:500]
+
+        def audit(conn: psycopg.Connection, status: int, given_back: int | None) -> None:
+            api_keys.record_use(conn, key_id, endpoint, scope["method"], status, client)
+            if given_back is not None:
+                self.limits.give_back(conn, given_back)
+
+        # The response's start waits for its first body: when that is all of it, the request
+        # is audited and its slot given back in one visit to the warehouse.
+        starting: Message | None = None
+
         async def send_audited(message: Message) -> None:
+            nonlocal starting, slot
             if message["type"] == "http.response.start":
-                endpoint, status = scope["path"][:500], message["status"]
+                starting = message
+                return
+            # The slot is given back before the response ends: a client may send its next
+            # request the moment it has read this one, and find the slot free.
+            ends = message["type"] == "http.response.body" and not message.get("more_body")
+            if starting is not None:
+                start, starting = starting, None
+                given_back = slot if ends else None
                 # Shielded: a client that hangs up still has its request audited.
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self.warehouse.run(
-                            api_keys.record_use, key_id, endpoint, scope["method"], status,
-                            client,
-                        )  # fmt: skip
+                        await self.warehouse.run(audit, start["status"], given_back)
                     except (DatabaseUnavailable, PoolBusy, psycopg.Error) as lost:
                         reason = lost if not isinstance(lost, psycopg.Error) else None
                         await _unavailable(reason)(scope, receive, send)
                         raise _Unaudited from None
+                if given_back is not None:
+                    slot = None
+                await send(start)
+            elif ends:
+                await give_slot_back()
             await send(message)
 
         try:
@@ -141,8 +170,10 @@ class KeyGate:
             path = api_keys.redact(scope["path"])
             log.warning("%s %s refused: it could not be audited", scope["method"], path)
         finally:
-            if slot is not None:
-                await self.limits.release(self.warehouse, slot)
+            if starting is not None:  # the application failed between a start and its body
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self.warehouse.run(audit, starting["status"], None)
+            await give_slot_back()
 
     def _admit(self, conn: psycopg.Connection, presented: list[str], client: str) -> _Admission:
         """The key checked, its request counted and a slot of the key taken, or the refusal

@@ -100,6 +100,9 @@ class SharedLimits:
         assert row is not None
         return row[0]
 
+    def give_back(self, conn: psycopg.Connection, slot: int) -> None:
+        conn.execute("DELETE FROM api_slots WHERE id = %s", (slot,))
+
     # Run on a pool's session of their own.
 
     async def remaining(self, pool: WarehousePool, bucket: str) -> int:
@@ -118,10 +121,9 @@ class SharedLimits:
         process lives."""
         with anyio.CancelScope(shield=True):
             try:
-                await pool.run(
-                    lambda conn: conn.execute("DELETE FROM api_slots WHERE id = %s", (slot,))
-                )
-            except (DatabaseUnavailable, PoolBusy, psycopg.Error):
+                await pool.run(self.give_back, slot)
+            except (DatabaseUnavailable, PoolBusy, psycopg.Error) as failed:
+                log.warning("a slot is given back at the next heartbeat: %s", failed)
                 self._unreleased.add(slot)
 
     def register(self, conn: psycopg.Connection) -> None:
