@@ -79,7 +79,8 @@ class SharedLimits:
     ) -> tuple[RateVerdict, int | None]:
         """One request of the key counted and, if the rate limit let it through, a request
         slot taken if the key has fewer than `cap` in progress: the verdict and the slot."""
-        row = conn.execute(
+        row = self._as_a_process(
+            conn,
             "SELECT h.accepted, h.remaining, h.reset_in, "
             "CASE WHEN h.accepted THEN api_take_slot(%s, %s, 'request', %s, %s) END "
             "FROM api_rate_hit(%s, %s, %s) h",
@@ -87,18 +88,30 @@ class SharedLimits:
                 self.process_id, key_id, cap, ALIVE_SECONDS,
                 self.key_bucket(key_id), self.rate_limit.amount, self._window_seconds,
             ),
-        ).fetchone()  # fmt: skip
-        assert row is not None
+        )  # fmt: skip
         return RateVerdict(*row[:3]), row[3]
 
     def take(self, conn: psycopg.Connection, key_id: int, kind: SlotKind, cap: int) -> int | None:
         """A slot of `kind` for the key if it holds fewer than `cap`, else None."""
-        row = conn.execute(
+        row = self._as_a_process(
+            conn,
             "SELECT api_take_slot(%s, %s, %s, %s, %s)",
             (self.process_id, key_id, kind, cap, ALIVE_SECONDS),
-        ).fetchone()
-        assert row is not None
+        )
         return row[0]
+
+    def _as_a_process(self, conn: psycopg.Connection, query: str, params: tuple) -> tuple:
+        """The row of a query that takes a slot of this process: once more after joining
+        the processes again if this one was forgotten (silent too long, or the database
+        restarted after a crash, which empties the unlogged tables). The query is one
+        statement: the failed one counted nothing."""
+        try:
+            row = conn.execute(query, params).fetchone()
+        except psycopg.errors.ForeignKeyViolation:
+            self.register(conn)
+            row = conn.execute(query, params).fetchone()
+        assert row is not None
+        return row
 
     def give_back(self, conn: psycopg.Connection, slot: int) -> None:
         conn.execute("DELETE FROM api_slots WHERE id = %s", (slot,))
@@ -127,7 +140,11 @@ class SharedLimits:
                 self._unreleased.add(slot)
 
     def register(self, conn: psycopg.Connection) -> None:
-        conn.execute("INSERT INTO api_processes (id) VALUES (%s)", (self.process_id,))
+        conn.execute(
+            "INSERT INTO api_processes (id) VALUES (%s) "
+            "ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
+            (self.process_id,),
+        )
 
     def leave(self, conn: psycopg.Connection) -> None:
         """This process stops: its row goes, and every slot it held with it."""
@@ -138,11 +155,7 @@ class SharedLimits:
         back go now; processes long silent and requests out of every window are removed."""
         unreleased = list(self._unreleased)
         with conn.transaction():
-            conn.execute(
-                "INSERT INTO api_processes (id) VALUES (%s) "
-                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
-                (self.process_id,),
-            )
+            self.register(conn)
             if unreleased:
                 conn.execute("DELETE FROM api_slots WHERE id = ANY(%s)", (unreleased,))
             conn.execute(
