@@ -29,10 +29,7 @@ from marketdata_pipeline.api.http import (
     query_parameters,
 )
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, PoolBusy, WarehousePool
-from marketdata_pipeline.api.shared_limits import (
-    RateVerdict,
-    SharedLimits,
-)
+from marketdata_pipeline.api.shared_limits import RateVerdict, SharedLimits
 from marketdata_pipeline.domain import AssetClass, InvalidSymbol
 from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable, NotFound
 from marketdata_pipeline.registry import api_keys, backfill_state, symbols
