@@ -112,13 +112,10 @@ class _LocalLimits(SharedLimits):
     async def release(self, pool: WarehousePool, slot: int) -> None:
         await anyio.to_thread.run_sync(self._give_back, self.slots.pop(slot))
 
-    def register(self, conn: psycopg.Connection) -> None:
-        pass
+    def start(self, url: str) -> None:
+        pass  # no heartbeat
 
-    def leave(self, conn: psycopg.Connection) -> None:
-        pass
-
-    def beat(self, conn: psycopg.Connection) -> None:
+    def stop(self) -> None:
         pass
 
 

@@ -261,8 +261,6 @@ def create_app(
     warehouse = WarehousePool(url, sessions=10, purpose="queries")
     keys = WarehousePool(url, sessions=4, purpose="API keys, their limits and the audit")
     streams = bars.Streams(url, limits, keys, floor=stream_floor, cap=stream_cap)
-    # The heartbeat has a session of its own: a busy moment cannot make the process look gone.
-    heart = WarehousePool(url, sessions=1, purpose="the heartbeat")
 
     async def health(request: Request) -> Response:
         query_parameters(request, ())
@@ -397,22 +395,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pools = (keys.pool, warehouse.pool, streams.warehouse.pool, heart.pool)
+        pools = (keys.pool, warehouse.pool, streams.warehouse.pool)
         for pool in pools:
             pool.open()
         try:
-            await heart.run(limits.register)
-            async with anyio.create_task_group() as beating:
-                beating.start_soon(limits.keep_beating, heart)
-                try:
-                    yield
-                finally:
-                    beating.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):  # its slots are free at once, not in 10 s
-                try:
-                    await heart.run(limits.leave)
-                except (DatabaseUnavailable, PoolBusy, psycopg.Error) as lost:
-                    log.warning("leaving, the read API could not give its slots back: %s", lost)
+            await anyio.to_thread.run_sync(limits.start, url)
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(limits.stop)
         finally:
             for pool in pools:
                 pool.close()

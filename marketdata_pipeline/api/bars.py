@@ -389,10 +389,9 @@ class _LeasedStream(StreamingResponse):
     async def _end(self) -> None:
         streams, slot, conn, chunks = self._lease
         with anyio.CancelScope(shield=True):
+            # The slot first: its key may open another stream while the COPY ends.
+            await streams.limits.release(streams.keys, slot)
             try:  # a COPY cut short is ended, and the session left clean
                 await anyio.to_thread.run_sync(chunks.close)
             finally:
-                try:
-                    await streams.warehouse.give_back(conn)
-                finally:
-                    await streams.limits.release(streams.keys, slot)
+                await streams.warehouse.give_back(conn)

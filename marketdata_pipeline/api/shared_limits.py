@@ -13,7 +13,9 @@ progress, for as long as a stream lasts, and vanish under PgBouncer in transacti
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +26,7 @@ from limits import RateLimitItem
 
 from marketdata_pipeline.api.pool import PoolBusy, WarehousePool
 from marketdata_pipeline.errors import DatabaseUnavailable
+from marketdata_pipeline.warehouse.connection import connect
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class SharedLimits:
         self.rate_limit = rate_limit
         self.process_id = uuid.uuid4()
         self._unreleased: set[int] = set()
+        self._stopping = threading.Event()
+        self._beating: threading.Thread | None = None
 
     @property
     def _window_seconds(self) -> float:
@@ -166,11 +171,45 @@ class SharedLimits:
             conn.execute("DELETE FROM api_rate_hits WHERE expires_at <= clock_timestamp()")
         self._unreleased.difference_update(unreleased)
 
-    async def keep_beating(self, pool: WarehousePool) -> None:
-        """Beat until cancelled; a beat missed (the warehouse away) is logged, not fatal."""
-        while True:
-            await anyio.sleep(HEARTBEAT_SECONDS)
+    def start(self, url: str) -> None:
+        """Join the processes, and beat from now on in a thread of its own, on a session of
+        its own: a busy moment cannot make this process look gone, and the beats take no
+        worker thread from the requests (a stream's chunks, encoded on whichever is free,
+        would spread their memory over more threads)."""
+        conn = connect(url, autocommit=True)
+        self.register(conn)
+        self._beating = threading.Thread(
+            target=self._keep_beating, args=(url, conn), name="heartbeat", daemon=True
+        )
+        self._beating.start()
+
+    def stop(self) -> None:
+        """Stop beating and leave: this process's slots are free at once, not in
+        ALIVE_SECONDS."""
+        self._stopping.set()
+        if self._beating is not None:
+            self._beating.join()
+
+    def _keep_beating(self, url: str, conn: psycopg.Connection | None) -> None:
+        while not self._stopping.wait(HEARTBEAT_SECONDS):
             try:
-                await pool.run(self.beat)
-            except (DatabaseUnavailable, PoolBusy, psycopg.Error) as missed:
+                conn = (
+                    conn if conn is not None and not conn.closed else connect(url, autocommit=True)
+                )
+                self.beat(conn)
+            except (DatabaseUnavailable, psycopg.Error) as missed:
                 log.warning("the read API's heartbeat was missed: %s", missed)
+                _closed(conn)
+                conn = None
+        try:
+            conn = conn if conn is not None and not conn.closed else connect(url, autocommit=True)
+            self.leave(conn)
+        except (DatabaseUnavailable, psycopg.Error) as lost:
+            log.warning("leaving, the read API could not give its slots back: %s", lost)
+        _closed(conn)
+
+
+def _closed(conn: psycopg.Connection | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(psycopg.Error):
+            conn.close()
