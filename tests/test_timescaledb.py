@@ -14,8 +14,7 @@ from marketdata_pipeline.warehouse import connection as db
 from marketdata_pipeline.warehouse import reading
 from marketdata_pipeline.warehouse.loading import refresh_aggregate
 from marketdata_pipeline.warehouse.reading import BarRange, BarSize
-from tests.conftest import run_cli
-from tests.test_migrations import LATEST
+from tests.conftest import LATEST, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
 import psycopg
 from limits import RateLimitItem
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -31,6 +29,7 @@ from marketdata_pipeline.api.http import (
     query_parameters,
 )
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, PoolBusy, WarehousePool
+from marketdata_pipeline.api.shared_limits import RateVerdict, SharedLimits
 from marketdata_pipeline.domain import AssetClass, InvalidSymbol
 from marketdata_pipeline.errors import ConfigError, DatabaseUnavailable, NotFound
 from marketdata_pipeline.registry import api_keys, backfill_state, symbols
@@ -63,6 +62,18 @@ def _unavailable(reason: DatabaseUnavailable | PoolBusy | None) -> JSONResponse:
     return error(503, str(reason), {"Retry-After": str(BUSY_RETRY_SECONDS)} if busy else None)
 
 
+@dataclass(frozen=True)
+class _Admission:
+    """What the warehouse said of a request: its key (None when none is valid), the key id
+    to audit it against, and why it is refused (None when accepted, then with its slot)."""
+
+    key: api_keys.ApiKey | None
+    audited_key_id: int | None
+    refusal: str | None = None  # "missing ...", "invalid ...", "rate", "busy"
+    verdict: RateVerdict | None = None  # of the key's, or of the address's refused keys
+    slot: int | None = None
+
+
 class KeyGate:
     """No request may carry a key in its URL. Every request but those of PUBLIC_PATHS
     needs an active X-API-Key, within
@@ -72,14 +83,17 @@ class KeyGate:
     so a client's next request already sees it in its usage; a response that cannot be
     audited is not sent, a 503 is. Keys are checked and requests audited on sessions of
     their own, which slow queries cannot take. A client address refused too often gets 429
-    instead of 401 for the rest of the window."""
+    instead of 401 for the rest of the window.
 
-    def __init__(self, app: ASGIApp, warehouse: WarehousePool, rate_limit: RateLimitItem) -> None:
+    The limits are the warehouse's (shared_limits), so they hold across every process that
+    serves it; the client is the address connecting, or, from a trusted proxy, the one its
+    X-Forwarded-For names (uvicorn's ProxyHeadersMiddleware sets it before this gate)."""
+
+    def __init__(self, app: ASGIApp, warehouse: WarehousePool, limits: SharedLimits) -> None:
         self.app = app
         self.warehouse = warehouse
-        self.rate_limit = rate_limit
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
-        self.in_progress: Counter[int] = Counter()
+        self.limits = limits
+        self.rate_limit = limits.rate_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,83 +105,136 @@ class KeyGate:
         if scope["path"] in PUBLIC_PATHS:
             await (in_url or self.app)(scope, receive, send)
             return
+        client = _client(scope)
         try:
-            key_id, refusal = await self._check(scope)
+            admission = await self.warehouse.run(self._admit, _presented(scope), client)
         except (DatabaseUnavailable, PoolBusy) as unavailable:  # nothing checked nor audited
             await _unavailable(unavailable)(scope, receive, send)
             return
-        refusal = in_url or refusal  # audited against the header's key, if it is valid
+        key_id, slot = admission.audited_key_id, admission.slot
+
+        async def give_slot_back() -> None:
+            nonlocal slot
+            if slot is not None:
+                taken, slot = slot, None
+                await self.limits.release(self.warehouse, taken)
+
+        if admission.key is not None:
+            scope.setdefault("state", {})["api_key"] = admission.key
+        # Audited against the header's key, if it is valid.
+        refusal = in_url or self._refusal(admission)
+
+        endpoint = scope["path"][:500]
+
+        def audit(conn: psycopg.Connection, status: int, given_back: int | None) -> None:
+            api_keys.record_use(conn, key_id, endpoint, scope["method"], status, client)
+            if given_back is not None:
+                self.limits.give_back(conn, given_back)
+
+        # The response's start waits for its first body: when that is all of it, the request
+        # is audited and its slot given back in one visit to the warehouse.
+        starting: Message | None = None
 
         async def send_audited(message: Message) -> None:
+            nonlocal starting, slot
             if message["type"] == "http.response.start":
-                endpoint, status = scope["path"][:500], message["status"]
+                starting = message
+                return
+            # The slot is given back before the response ends: a client may send its next
+            # request the moment it has read this one, and find the slot free.
+            ends = message["type"] == "http.response.body" and not message.get("more_body")
+            if starting is not None:
+                start, starting = starting, None
+                given_back = slot if ends else None
                 # Shielded: a client that hangs up still has its request audited.
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self.warehouse.run(
-                            api_keys.record_use, key_id, endpoint, scope["method"], status
-                        )
+                        await self.warehouse.run(audit, start["status"], given_back)
                     except (DatabaseUnavailable, PoolBusy, psycopg.Error) as lost:
                         reason = lost if not isinstance(lost, psycopg.Error) else None
                         await _unavailable(reason)(scope, receive, send)
                         raise _Unaudited from None
+                if given_back is not None:
+                    slot = None
+                await send(start)
+            elif ends:
+                await give_slot_back()
             await send(message)
 
-        accepted = key_id if refusal is None else None
-        if accepted is not None:
-            self.in_progress[accepted] += 1
         try:
             await (refusal or self.app)(scope, receive, send_audited)
         except _Unaudited:
             path = api_keys.redact(scope["path"])
             log.warning("%s %s refused: it could not be audited", scope["method"], path)
         finally:
-            if accepted is not None:
-                self.in_progress[accepted] -= 1
+            if starting is not None:  # the application failed between a start and its body
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self.warehouse.run(audit, starting["status"], None)
+            await give_slot_back()
 
-    async def _check(self, scope: Scope) -> tuple[int | None, Response | None]:
-        """The key id to audit the request against, and the refusal if it is refused; an
-        accepted key goes into the request's state."""
-        presented = Headers(scope=scope).getlist("x-api-key")
+    def _admit(self, conn: psycopg.Connection, presented: list[str], client: str) -> _Admission:
+        """The key checked, its request counted and a slot of the key taken, or the refusal
+        counted against the client's address: on one session, in two round trips."""
         if len(presented) != 1 or not presented[0]:
             what = "one X-API-Key header" if len(presented) > 1 else "an X-API-Key header"
-            return None, self._refused(scope, f"missing API key: send {what}")
+            return self._refused(conn, None, client, f"missing API key: send {what}")
         try:
-            key = await self.warehouse.run(api_keys.authenticate, presented[0])
+            key = api_keys.authenticate(conn, presented[0])
         except api_keys.KeyRejected as rejected:
-            return rejected.key_id, self._refused(
-                scope, "invalid API key: unknown, revoked or deleted"
-            )
-        scope.setdefault("state", {})["api_key"] = key
-        if not self.limiter.hit(self.rate_limit, str(key.id)):
-            return key.id, self._retry_later(str(key.id), "this key")
-        if self.in_progress[key.id] >= REQUESTS_PER_KEY:
-            return key.id, error(
+            why = "invalid API key: unknown, revoked or deleted"
+            return self._refused(conn, rejected.key_id, client, why)
+        verdict, slot = self.limits.hit_and_take(conn, key.id, REQUESTS_PER_KEY)
+        if not verdict.accepted:
+            return _Admission(key, key.id, "rate", verdict)
+        if slot is None:
+            return _Admission(key, key.id, "busy", verdict)
+        return _Admission(key, key.id, None, verdict, slot)
+
+    def _refused(
+        self, conn: psycopg.Connection, key_id: int | None, client: str, why: str
+    ) -> _Admission:
+        return _Admission(
+            None, key_id, why, self.limits.hit(conn, self.limits.client_bucket(client))
+        )
+
+    def _refusal(self, admission: _Admission) -> Response | None:
+        """401, or 429 for an address refused too often: a valid key from that address (all
+        local clients share one) is still accepted."""
+        why, verdict = admission.refusal, admission.verdict
+        if why is None:
+            return None
+        assert verdict is not None
+        if why == "busy":
+            return error(
                 429,
                 f"this key has {REQUESTS_PER_KEY} requests in progress: retry when one ends",
                 {"Retry-After": str(BUSY_RETRY_SECONDS)},
             )
-        return key.id, None
+        if why == "rate":
+            return self._retry_later(verdict, "this key")
+        if not verdict.accepted:
+            return self._retry_later(verdict, "refused API keys from this address")
+        return error(401, why, {"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
 
-    def _refused(self, scope: Scope, message: str) -> Response:
-        """401, or 429 for an address refused too often: a valid key from that address (all
-        local clients share one) is still accepted."""
-        client = f"client {scope['client'][0] if scope.get('client') else '-'}"
-        if not self.limiter.hit(self.rate_limit, client):
-            return self._retry_later(client, "refused API keys from this address")
-        return error(401, message, {"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
-
-    def _retry_later(self, counted: str, what: str) -> Response:
-        reset_at, _ = self.limiter.get_window_stats(self.rate_limit, counted)
-        wait = max(1, math.ceil(reset_at - time.time()))
+    def _retry_later(self, verdict: RateVerdict, what: str) -> Response:
+        wait = max(1, math.ceil(verdict.reset_in))
         return error(
             429,
             f"rate limit of {self.rate_limit} for {what} reached: retry in {wait} s",
             headers={"Retry-After": str(wait)},
         )
 
-    def remaining(self, key: api_keys.ApiKey) -> int:
-        return self.limiter.get_window_stats(self.rate_limit, str(key.id))[1]
+    async def remaining(self, key: api_keys.ApiKey) -> int:
+        return await self.limits.remaining(self.warehouse, self.limits.key_bucket(key.id))
+
+
+def _presented(scope: Scope) -> list[str]:
+    return Headers(scope=scope).getlist("x-api-key")
+
+
+def _client(scope: Scope) -> str:
+    """The client's address: the peer's, or the one a trusted proxy forwarded."""
+    return str(scope["client"][0]) if scope.get("client") else "-"
 
 
 def _windows(counts: WindowCounts, expected: int) -> dict[str, int]:
@@ -184,12 +251,16 @@ def create_app(
     *,
     stream_floor: int = bars.STREAM_FLOOR_BYTES_PER_MINUTE,
     stream_cap: float = bars.STREAM_CAP_SECONDS,
+    limits: SharedLimits | None = None,
 ) -> ASGIApp:
     """The API over the warehouse at `url`, each key allowed `rate_limit` requests, each
-    stream cut below `stream_floor` bytes a minute or after `stream_cap` seconds."""
+    stream cut below `stream_floor` bytes a minute or after `stream_cap` seconds. The limits
+    are kept in the warehouse (`limits` is for scripts/bench_api_limits.py, which measures
+    others)."""
+    limits = limits or SharedLimits(rate_limit)
     warehouse = WarehousePool(url, sessions=10, purpose="queries")
-    streams = bars.Streams(url, floor=stream_floor, cap=stream_cap)
-    keys = WarehousePool(url, sessions=4, purpose="API keys and the audit")
+    keys = WarehousePool(url, sessions=4, purpose="API keys, their limits and the audit")
+    streams = bars.Streams(url, limits, keys, floor=stream_floor, cap=stream_cap)
 
     async def health(request: Request) -> Response:
         query_parameters(request, ())
@@ -219,7 +290,7 @@ def create_app(
                 "last_used": iso(key.last_used),
                 "last_used_endpoint": key.last_used_endpoint,
                 "rate_limit": str(rate_limit),
-                "rate_limit_remaining": gate.remaining(key),
+                "rate_limit_remaining": await gate.remaining(key),
                 "recent_requests": [
                     {"endpoint": e.endpoint, "method": e.method, "status": e.status_code,
                      "at": iso(e.timestamp)}
@@ -328,7 +399,12 @@ def create_app(
         for pool in pools:
             pool.open()
         try:
-            yield
+            await anyio.to_thread.run_sync(limits.start, url)
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(limits.stop)
         finally:
             for pool in pools:
                 pool.close()
@@ -355,5 +431,5 @@ def create_app(
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # its redirects name the Host the client sent
-    gate = KeyGate(app, keys, rate_limit)
+    gate = KeyGate(app, keys, limits)
     return gate

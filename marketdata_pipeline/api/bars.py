@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -27,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from marketdata_pipeline import clock
 from marketdata_pipeline.api.http import ApiError, iso, query_parameters
 from marketdata_pipeline.api.pool import BUSY_RETRY_SECONDS, WarehousePool
+from marketdata_pipeline.api.shared_limits import SharedLimits
 from marketdata_pipeline.registry import symbols
 from marketdata_pipeline.registry.api_keys import ApiKey
 from marketdata_pipeline.warehouse import reading
@@ -155,19 +155,22 @@ def _parse(conn: psycopg.Connection, request: Request, params: dict[str, str]) -
 
 class Streams:
     """The sessions that streams read on, apart from the short queries' (a slow client holds
-    its session while it reads), how many streams each key has open, and the pace and time
-    that a stream is allowed."""
+    its session while it reads), the limits that count each key's open streams across
+    processes (on the sessions of `keys`), and the pace and time that a stream is allowed."""
 
     def __init__(
         self,
         url: str,
+        limits: SharedLimits,
+        keys: WarehousePool,
         *,
         sessions: int = 8,
         floor: int = STREAM_FLOOR_BYTES_PER_MINUTE,
         cap: float = STREAM_CAP_SECONDS,
     ) -> None:
         self.warehouse = WarehousePool(url, sessions=sessions, purpose="streams")
-        self.open: Counter[int] = Counter()
+        self.limits = limits
+        self.keys = keys
         self.floor = floor
         self.cap = cap
 
@@ -178,25 +181,25 @@ async def respond(request: Request, queries: WarehousePool, streams: Streams) ->
         return await queries.run(_json_page, request, params)
     asked = await queries.run(_parse, request, params)
     key: ApiKey = request.state.api_key
-    if streams.open[key.id] >= STREAMS_PER_KEY:
+    # The slot is taken before waiting for a session. The session is taken, and the first
+    # chunk read, before the response starts: a stream that cannot have one, or whose query
+    # fails, is an error, not a 200.
+    slot = await streams.keys.run(streams.limits.take, key.id, "stream", STREAMS_PER_KEY)
+    if slot is None:
         raise ApiError(
             429,
             f"this key has {STREAMS_PER_KEY} streams open already: retry when one ends",
             headers={"Retry-After": str(BUSY_RETRY_SECONDS)},
         )
-    # The slot is counted before waiting for a session, or simultaneous requests would all
-    # pass the check. The session is taken, and the first chunk read, before the response
-    # starts: a stream that cannot have one, or whose query fails, is an error, not a 200.
-    streams.open[key.id] += 1
     try:
         conn = await streams.warehouse.lease()
     except BaseException:
-        streams.open[key.id] -= 1
+        await streams.limits.release(streams.keys, slot)
         raise
     encode = {Format.CSV: _csv, Format.ARROW: _arrow, Format.PARQUET: _parquet}[asked.format]
     stream = _LeasedStream(
         streams,
-        key.id,
+        slot,
         conn,
         encode(conn, asked.bars),
         media_type=asked.format.media_type,
@@ -305,12 +308,12 @@ class _LeasedStream(StreamingResponse):
     def __init__(
         self,
         streams: Streams,
-        key_id: int,
+        slot: int,
         conn: psycopg.Connection,
         chunks: Generator[bytes],
         **kwargs: Any,
     ) -> None:
-        self._lease = (streams, key_id, conn, chunks)  # its slot was counted when taken
+        self._lease = (streams, slot, conn, chunks)  # its slot was taken already
         self._first = b""
         super().__init__(self._chunks(), **kwargs)
 
@@ -384,9 +387,10 @@ class _LeasedStream(StreamingResponse):
             await self._end()
 
     async def _end(self) -> None:
-        streams, key_id, conn, chunks = self._lease
-        streams.open[key_id] -= 1
+        streams, slot, conn, chunks = self._lease
         with anyio.CancelScope(shield=True):
+            # The slot first: its key may open another stream while the COPY ends.
+            await streams.limits.release(streams.keys, slot)
             try:  # a COPY cut short is ended, and the session left clean
                 await anyio.to_thread.run_sync(chunks.close)
             finally:

@@ -99,6 +99,17 @@ def keys_audit(key_id: int | None, limit: int, offset: int) -> None:
             api_keys.get(conn, key_id)  # NotFound: an empty table would say it was never used
         entries = api_keys.audit(conn, key_id=key_id, limit=limit, offset=offset)
     table(
-        ["ID", "KEY", "METHOD", "ENDPOINT", "STATUS", "TIME"],
-        [[e.id, e.key_id, e.method, e.endpoint, e.status_code, when(e.timestamp)] for e in entries],
+        ["ID", "KEY", "METHOD", "ENDPOINT", "STATUS", "CLIENT", "TIME"],
+        [
+            [
+                e.id,
+                e.key_id,
+                e.method,
+                e.endpoint,
+                e.status_code,
+                e.client_address or "-",
+                when(e.timestamp),
+            ]
+            for e in entries
+        ],
     )

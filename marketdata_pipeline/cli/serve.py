@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 
 import click
@@ -36,6 +38,14 @@ from marketdata_pipeline.warehouse.migrations import pending
     f"[default: MARKETDATA_API_RATE_LIMIT, else {config.DEFAULT_API_RATE_LIMIT}].",
 )
 @click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    metavar="CIDR",
+    help="A network of the proxies in front (repeatable): from them only, X-Forwarded-For "
+    "names the client [default: MARKETDATA_API_TRUSTED_PROXIES, comma-separated, else none].",
+)
+@click.option(
     "--stream-floor",
     default=STREAM_FLOOR_BYTES_PER_MINUTE,
     show_default=True,
@@ -54,11 +64,13 @@ def serve_command(
     port: int,
     socket_fd: int | None,
     rate_limit: str | None,
+    trusted_proxies: tuple[str, ...],
     stream_floor: int,
     stream_cap: float,
 ) -> None:
     """Serve the read-only HTTP API: bars, symbols, stats, health, usage (X-API-Key)."""
     limit = config.api_rate_limit(rate_limit)
+    proxies = trusted_networks(trusted_proxies)
     # Streams encode their Arrow and Parquet chunks on whichever worker thread is free, and
     # mimalloc (pyarrow's default) keeps freed memory in each thread's own heap: under load
     # a year of Parquet raised the peak by 57 MiB. The system allocator gives it back (3.7).
@@ -74,18 +86,40 @@ def serve_command(
         f"read API: http://{host}:{port}/v1 (document {OPENAPI_PATH}; warehouse {describe(url)}; "
         f"{limit} per key)"
     )
-    # Clients are whoever connects: no X-Forwarded-For is believed, even from loopback, where
-    # it would let a client pick the address its refused keys are counted against.
+    # Clients are whoever connects, unless they connect through a trusted proxy: an
+    # X-Forwarded-For believed from anyone would let a client pick the address its refused
+    # keys are counted against. uvicorn's ProxyHeadersMiddleware takes the right-most address
+    # of the header that is not a trusted proxy's.
     app = create_app(url, limit, stream_floor=stream_floor, stream_cap=stream_cap)
     settings = uvicorn.Config(
         app,
         log_level="warning",
-        proxy_headers=False,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=[str(network) for network in proxies] or None,
         timeout_graceful_shutdown=10,  # open streams do not hold a shutdown up
         http=JsonErrorsH11,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     uvicorn.Server(settings).run(sockets=[listening])
+
+
+def trusted_networks(given: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of --trusted-proxy, else of MARKETDATA_API_TRUSTED_PROXIES; each one
+    checked here, since uvicorn takes a malformed one for a host name and trusts nothing."""
+    source = "--trusted-proxy"
+    if not given:
+        source = "MARKETDATA_API_TRUSTED_PROXIES"
+        given = tuple(p for p in os.environ.get(source, "").split(",") if p.strip())
+    networks = []
+    for raw in given:
+        try:
+            networks.append(ipaddress.ip_network(raw.strip()))
+        except ValueError as bad:
+            raise ConfigError(
+                f"{source} {raw.strip()[:60]!r} is not a network like 10.0.0.0/8 or an "
+                f"address: {bad}"
+            ) from None
+    return networks
 
 
 def listen(host: str, port: int, what: str = "") -> socket.socket:

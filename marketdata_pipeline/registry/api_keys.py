@@ -142,16 +142,22 @@ def authenticate(conn: psycopg.Connection, raw_key: str) -> ApiKey:
 
 
 def record_use(
-    conn: psycopg.Connection, key_id: int | None, endpoint: str, method: str, status_code: int
+    conn: psycopg.Connection,
+    key_id: int | None,
+    endpoint: str,
+    method: str,
+    status_code: int,
+    client_address: str | None = None,
 ) -> None:
-    """Audit one request, and count it on its key when the key was accepted (an unknown
-    key's request is audited without a key; a revoked key's against it, uncounted)."""
+    """Audit one request, from `client_address`, and count it on its key when the key was
+    accepted (an unknown key's request is audited without a key; a revoked key's against it,
+    uncounted)."""
     endpoint = redact(endpoint).replace("\x00", "\ufffd")  # a text column holds no NUL
     with conn.transaction():
         conn.execute(  # a key deleted since it was checked is audited without its id
-            "INSERT INTO api_key_audit (key_id, endpoint, method, status_code) "
-            "VALUES ((SELECT id FROM api_keys WHERE id = %s), %s, %s, %s)",
-            (key_id, endpoint, method.upper(), status_code),
+            "INSERT INTO api_key_audit (key_id, endpoint, method, status_code, client_address) "
+            "VALUES ((SELECT id FROM api_keys WHERE id = %s), %s, %s, %s, %s)",
+            (key_id, endpoint, method.upper(), status_code, client_address),
         )
         if key_id is not None:
             conn.execute(
@@ -169,6 +175,7 @@ class AuditEntry:
     method: str
     status_code: int
     timestamp: datetime
+    client_address: str | None = None
 
 
 def audit(
@@ -180,7 +187,8 @@ def audit(
     if key_id is not None and not 1 <= key_id <= MAX_KEY_ID:
         raise ConfigError(f"key id must be from 1 to {MAX_KEY_ID}, got {key_id}")
     rows = conn.execute(
-        'SELECT id, key_id, endpoint, method, status_code, "timestamp" FROM api_key_audit '
+        'SELECT id, key_id, endpoint, method, status_code, "timestamp", client_address '
+        "FROM api_key_audit "
         'WHERE %s::bigint IS NULL OR key_id = %s ORDER BY "timestamp" DESC, id DESC '
         "LIMIT %s OFFSET %s",
         (key_id, key_id, limit, offset),

@@ -29,6 +29,9 @@ TABLES = (
     "split_fetches",
     "loaded_months",
     "api_key_deliveries",
+    "api_rate_hits",
+    "api_processes",
+    "api_slots",
 )
 VIEWS = ("bars_hourly", "bars_weekly")
 
