@@ -22,6 +22,7 @@ it holds in use), over --connections connections for --seconds, each backend in 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import os
 import re
@@ -212,11 +213,7 @@ def wrk(base: str, keys: Path, seconds: int, connections: int) -> dict[str, floa
 @contextmanager
 def redis_server() -> Iterator[str | None]:
     binary = shutil.which("redis-server")
-    try:
-        import redis  # noqa: F401  # the client that limits' RedisStorage needs
-    except ImportError:
-        binary = None
-    if binary is None:
+    if binary is None or importlib.util.find_spec("redis") is None:  # RedisStorage's client
         print("redis-server or the redis client not installed: no Redis figures")
         yield None
         return
