@@ -53,14 +53,17 @@ from tests.topology import (
     finished_run,
     launch_backfill,
     launch_run,
+    location_version,
     topology,
 )
 
 SYMBOLS = ["AAPL", "MSFT"]  # the registry, in order: adjacent partitions
 # The partitions start two months before this one: the backfill's months are complete, and a
-# symbol added is given a short history.
+# symbol added is given a short history. The clock (the simulator's and the runs') stands on
+# the second day of this month, so that the backfill's bars are the same at any hour.
 FIRST_MONTH = (datetime.now(UTC).date().replace(day=1) - timedelta(days=40)).replace(day=1)
 MONTHS = [FIRST_MONTH, next_month(FIRST_MONTH)]
+NOW = datetime.combine(next_month(MONTHS[-1]) + timedelta(days=1), datetime.min.time(), UTC)
 ASSET = "stock_minute_bars"
 pytestmark = pytest.mark.slow
 
@@ -71,6 +74,7 @@ class Running:
     warehouse_url: str
     simulator_url: str
     backfill_id: str
+    location_version: str  # the webserver's load of the location, at the start
 
 
 @contextmanager
@@ -88,7 +92,7 @@ def new_database(admin_url: str, prefix: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def running(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     work = tmp_path_factory.mktemp("topology")
-    simulator = serve(Simulator())
+    simulator = serve(Simulator(now=NOW))
     with (
         new_database(pg_admin_url, "t_topo") as warehouse_url,
         new_database(pg_admin_url, "dagster_topo") as instance_url,
@@ -107,9 +111,11 @@ def running(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "MARKETDATA_SIMULATED": "1",
             "MARKETDATA_ALLOW_SYNTHETIC": "1",
             "MARKETDATA_HISTORY_START": f"{FIRST_MONTH:%Y-%m}",
+            "MARKETDATA_NOW": NOW.isoformat(),
             "MARKETDATA_HOME": str(work),
-            # TODO(lead): with deployment mode on this branch, add MARKETDATA_DEPLOYMENT=1 and
-            # MARKETDATA_UI_URL=<the webserver's URL> here, as the image and the chart set them.
+            # TODO(lead): with deployment mode merged, add MARKETDATA_DEPLOYMENT=1 here, and
+            # MARKETDATA_UI_URL=the webserver's URL (tests/topology.py picks its port: add it
+            # to the env there), as the image and the chart set them.
         }
         for name, value in env.items():
             patch.setenv(name, value)
@@ -124,7 +130,8 @@ def running(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 # Started after the launch: the backfill daemon looks every 30 s, and its
                 # first look is at its start, so the backfill is not left waiting for it.
                 started.start_daemon()
-                yield Running(started, warehouse_url, simulator.url, backfill_id)
+                version = location_version(started.query)
+                yield Running(started, warehouse_url, simulator.url, backfill_id, version)
         finally:
             simulator.shutdown()
             simulator.server_close()
@@ -231,6 +238,9 @@ def test_a_replaced_replica_alone_serves_an_admin_job_that_adds_a_symbol(
         ).fetchall()
     assert registered == [("stock", True)]
     assert run_id in topology.runs_of_replica(1)
+    # One server id for every replica: the webserver, which asks for it every second through
+    # the Service, never took the other replicas, nor the new one, for a new deployment.
+    assert location_version(topology.query) == running.location_version
 
 
 SENSOR_TICKS = """

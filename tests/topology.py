@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from marketdata_pipeline import config
+from tests.conftest import free_port
 
 LOCATION = "marketdata"  # the code location's name, as in the shipped workspace.yaml
 REPOSITORY = "__repository__"  # what Dagster names the repository of a Definitions
@@ -148,12 +149,6 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
         sink.shutdown(socket.SHUT_WR)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def dagster_home(home: Path, dagster_pg_url: str) -> dict[str, str]:
     """A Dagster home with the shipped dagster.yaml as is (what `marketdata ui` copies); the
     environment that points the instance at its storage."""
@@ -192,8 +187,8 @@ class Topology:
     _logs: list[Path] = field(default_factory=list)
 
     def start_replica(self, index: int) -> None:
-        """Replica `index` of the code server (again, after `kill_replica`: as a Deployment
-        replaces a pod), on its port behind the proxy; returns once it serves."""
+        """Start replica `index` of the code server (again, after `kill_replica`: as a
+        Deployment replaces a pod) on its port behind the proxy."""
         port = self.proxy.backends[index]
         command = [
             sys.executable, "-m", "dagster", "api", "grpc",
@@ -250,11 +245,13 @@ class Topology:
 
 
 @contextmanager
-def topology(home: Path, env: dict[str, str], replicas: int = 2) -> Iterator[Topology]:
+def topology(
+    home: Path, env: dict[str, str], replicas: int = 2, *, with_daemon: bool = False
+) -> Iterator[Topology]:
     """The code server's replicas behind a ServiceProxy, and the webserver on a workspace that
     names the proxy by host and port; yields once the webserver has loaded the code location.
-    The daemon is started by `start_daemon`, when the caller wants it. Everything started is
-    stopped on the way out, failed or not."""
+    The daemon starts with the webserver (`with_daemon`, as under `dagster dev`) or when the
+    caller calls `start_daemon`. Everything started is stopped on the way out, failed or not."""
     proxy = ServiceProxy([free_port() for _ in range(replicas)])
     (home / "workspace.yaml").write_text(
         "load_from:\n  - grpc_server:\n      host: 127.0.0.1\n"
@@ -273,6 +270,8 @@ def topology(home: Path, env: dict[str, str], replicas: int = 2) -> Iterator[Top
             [str(BIN / "dagster-webserver"), *running._workspace,
              "-h", "127.0.0.1", "-p", str(web_port)],
         )  # fmt: skip
+        if with_daemon:
+            running.start_daemon()
         _wait("the webserver", lambda: _location_loaded(running.query), running.webserver, running)
         yield running
     finally:
@@ -297,8 +296,16 @@ def _serving(port: int) -> bool:
 
 WORKSPACE = """
 { workspaceOrError { ... on Workspace { locationEntries {
-    name loadStatus locationOrLoadError { __typename ... on PythonError { message } }
+    name loadStatus versionKey updatedTimestamp
+    locationOrLoadError { __typename ... on PythonError { message } }
 } } } }"""
+
+
+def location_version(query: GraphQL) -> str:
+    """Which load of the code location the webserver holds: it changes when the webserver
+    reloads the location (as it does when the server's id changes)."""
+    [entry] = query(WORKSPACE)["workspaceOrError"]["locationEntries"]
+    return f"{entry['versionKey']} loaded at {entry['updatedTimestamp']}"
 
 
 def _location_loaded(query: GraphQL) -> bool:
