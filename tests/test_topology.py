@@ -37,9 +37,10 @@ from marketdata_pipeline.defs.sensors import register_symbol_partitions
 from marketdata_pipeline.domain import AssetClass, next_month
 from marketdata_pipeline.polygon.client import PolygonClient
 from marketdata_pipeline.polygon.simulator import Simulator, serve
-from marketdata_pipeline.registry import api_keys, symbols
+from marketdata_pipeline.registry import api_keys, key_delivery, symbols
 from marketdata_pipeline.warehouse import migrations
 from marketdata_pipeline.warehouse.connection import connection, psycopg2_url, with_database
+from tests.conftest import run_cli
 from tests.test_alerts import ALERT_VARIABLES
 from tests.topology import (
     BACKFILL,
@@ -92,6 +93,7 @@ def new_database(admin_url: str, prefix: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def running(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     work = tmp_path_factory.mktemp("topology")
+    identity = key_delivery.create_identity(work / "operator-identity")
     simulator = serve(Simulator(now=NOW))
     with (
         new_database(pg_admin_url, "t_topo") as warehouse_url,
@@ -113,9 +115,10 @@ def running(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "MARKETDATA_HISTORY_START": f"{FIRST_MONTH:%Y-%m}",
             "MARKETDATA_NOW": NOW.isoformat(),
             "MARKETDATA_HOME": str(work),
-            # TODO(lead): with deployment mode merged, add MARKETDATA_DEPLOYMENT=1 here, and
-            # MARKETDATA_UI_URL=the webserver's URL (tests/topology.py picks its port: add it
-            # to the env there), as the image and the chart set them.
+            # As the image and the chart set them: no embedded fallback anywhere, and raw
+            # keys made by runs sealed to the operator's public key.
+            "MARKETDATA_DEPLOYMENT": "1",
+            "MARKETDATA_KEY_RECIPIENT": key_delivery.public_text(identity.recipient),
         }
         for name, value in env.items():
             patch.setenv(name, value)
@@ -206,10 +209,29 @@ def admin_run(running: Running, job: str, config: dict) -> str:
     return run_id
 
 
-def test_with_one_replica_killed_an_admin_job_revokes_a_key(running: Running) -> None:
+def test_a_key_made_by_a_run_is_revealed_once_elsewhere_and_revoked_with_a_replica_dead(
+    running: Running,
+) -> None:
+    """The raw key a `create_api_key` run makes reaches the operator through the warehouse,
+    sealed (a run container's disk is gone with it); `keys reveal` on another machine (here:
+    another process, with only DATABASE_URL and the identity) shows it once."""
     topology, proxy = running.topology, running.topology.proxy
+    made = admin_run(running, "create_api_key", {"issue_api_key": {"config": {"name": "topo"}}})
     with connection(running.warehouse_url) as conn:
-        key, _ = api_keys.create(conn, "topology test")
+        key = api_keys.find_by_name(conn, "topo")
+    assert key is not None
+    operator = {
+        "DATABASE_URL": running.warehouse_url,
+        "MARKETDATA_KEY_IDENTITY": str(running.topology.home.parent / "operator-identity"),
+    }
+    shown = run_cli("keys", "reveal", str(key.id), env=operator)
+    assert shown.returncode == 0, shown.stderr
+    raw = shown.stdout.split()[-1]
+    with connection(running.warehouse_url) as conn:
+        assert api_keys.authenticate(conn, raw).id == key.id
+    assert run_cli("keys", "reveal", str(key.id), env=operator).returncode == 1, "only once"
+    assert raw not in topology.logs() and raw not in json.dumps(run_events(made))
+
     wait_until_idle(running)
     topology.kill_replica(1)
     before = list(proxy.connections)
@@ -218,6 +240,12 @@ def test_with_one_replica_killed_an_admin_job_revokes_a_key(running: Running) ->
         assert not api_keys.get(conn, key.id).active
     assert run_id in topology.runs_of_replica(0), "the live replica ran it"
     assert proxy.connections[1] == before[1], "nothing reached the dead one"
+
+
+def run_events(run_id: str) -> list[str]:
+    """Every event of the run, as the instance storage keeps it."""
+    with dg.DagsterInstance.get() as instance:
+        return [str(record) for record in instance.all_logs(run_id)]
 
 
 def test_a_replaced_replica_alone_serves_an_admin_job_that_adds_a_symbol(

@@ -259,6 +259,7 @@ def topology(
     )
     web_port = free_port()
     url = f"http://127.0.0.1:{web_port}"
+    env = {"MARKETDATA_UI_URL": url, **env}  # the alerts' links: this webserver
     running = Topology(home, env, proxy, graphql_client(f"{url}/graphql"), url)
     try:
         for index in range(replicas):
