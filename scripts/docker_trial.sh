@@ -4,11 +4,13 @@
 #
 #   sudo scripts/docker_trial.sh          (as root: it starts dockerd; takes 10-20 minutes)
 #   DOCKER_TRIAL_NO_CACHE=1 sudo scripts/docker_trial.sh    (the image built afresh)
+#   DOCKER_TRIAL_STORAGE_DRIVER=overlay2 sudo scripts/docker_trial.sh   (where overlayfs works)
 #
 # What it does, all of it its own and undone on exit (the images stay, for the next time):
 # - Debian's docker.io and debootstrap, installed with apt when missing;
 # - a dockerd of its own (vfs storage, no bridge, no iptables: a sandbox without overlayfs
 #   or a network of its own runs it), its socket, data and state under $TRIAL / $DATA;
+#   vfs copies the whole image for every container, overlay2 does not;
 # - a base image from debootstrap (bookworm, Debian's Python 3.11) and `docker import`, as
 #   Docker Hub is not reachable here, and the project's image FROM it (deploy/Dockerfile,
 #   pip installing from the package registry);
@@ -27,6 +29,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TRIAL=${DOCKER_TRIAL_DIR:-/tmp/docker-trial}       # socket, dockerd state, PostgreSQL, logs
 DATA=${DOCKER_TRIAL_DATA:-/var/lib/docker-trial}   # dockerd's images, the debootstrap tree
 SOCK=$TRIAL/docker.sock
+DRIVER=${DOCKER_TRIAL_STORAGE_DRIVER:-vfs}
+DATA_ROOT=$DATA/data                                  # images are kept per storage driver
+[[ $DRIVER == vfs ]] || DATA_ROOT=$DATA/data-$DRIVER
 PG_PORT=22054 SIM_PORT=22065 CODE_PORT=22040 UI_PORT=22030
 BASE_IMAGE=marketdata-trial-base:bookworm
 IMAGE=marketdata-pipeline:trial
@@ -80,10 +85,10 @@ fi
 
 # 2. A dockerd of its own (one already started by this script is used as it is).
 if [[ -e $TRIAL/dockerd.pid ]] && kill -0 "$(cat "$TRIAL/dockerd.pid")" 2>/dev/null; then
-    say "dockerd already running (pid $(cat "$TRIAL/dockerd.pid")): using it"
+    say "dockerd already running (pid $(cat "$TRIAL/dockerd.pid"), $(docker info -f '{{.Driver}}')): using it"
 else
-    say "starting dockerd on $SOCK"
-    /usr/sbin/dockerd --storage-driver vfs --data-root "$DATA/data" --exec-root "$TRIAL/exec" \
+    say "starting dockerd on $SOCK (storage driver $DRIVER)"
+    /usr/sbin/dockerd --storage-driver "$DRIVER" --data-root "$DATA_ROOT" --exec-root "$TRIAL/exec" \
         --pidfile "$TRIAL/dockerd.pid" -H "unix://$SOCK" \
         --bridge none --iptables=false --ip6tables=false --ip-masq=false \
         >"$TRIAL/logs/dockerd.log" 2>&1 &
