@@ -27,6 +27,7 @@ BACKFILL_ASSET = "stock_daily_bars"
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 QUIET_SECONDS = 75  # no new run for this long (two registry sensor ticks): all runs are in
 TIMEOUT_SECONDS = 1800
+STARTED = time.monotonic()
 
 LOCATIONS = """{ workspaceOrError { ... on Workspace { locationEntries {
   name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
@@ -74,12 +75,22 @@ def wait_for(what: str, check: Any, timeout: float = 300) -> Any:
         time.sleep(1)
 
 
+RELOAD = """mutation { reloadRepositoryLocation(repositoryLocationName: "marketdata") {
+  __typename } }"""
+LOAD_TIMEOUT_SECONDS = 180
+
+
 def location_loaded() -> bool:
+    """The location loaded; while the code server is still starting the webserver holds a
+    load error, so it is asked to reload until the timeout."""
     entries = graphql(LOCATIONS)["workspaceOrError"]["locationEntries"]
     [entry] = [e for e in entries if e["name"] == "marketdata"]
     loaded = entry["locationOrLoadError"]
     if loaded and loaded["__typename"] == "PythonError":
-        raise SystemExit(f"the code location failed to load: {loaded['message']}")
+        if time.monotonic() - STARTED > LOAD_TIMEOUT_SECONDS:
+            raise SystemExit(f"the code location failed to load: {loaded['message']}")
+        graphql(RELOAD)
+        return False
     return bool(loaded and loaded["__typename"] == "RepositoryLocation")
 
 
