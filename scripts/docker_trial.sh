@@ -15,7 +15,7 @@
 #   Docker Hub is not reachable here, and the project's image FROM it (deploy/Dockerfile,
 #   pip installing from the package registry);
 # - PostgreSQL 16 in a container, the embedded server's binaries (TimescaleDB's image, which
-#   compose.yaml uses, is on Docker Hub only), databases `marketdata` and `dagster`;
+#   compose.yaml uses, is on Docker Hub only), database `marketdata` (bootstrap makes `dagster`);
 # - containers on the host's network: the Polygon simulator, the bootstrap one-off, the code
 #   server, the webserver and the daemon (deploy/docker/dagster.yaml, `network: host`);
 # - through the webserver's GraphQL API: a backfill of 2 symbols x 2 months and the
