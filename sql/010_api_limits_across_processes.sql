@@ -68,13 +68,14 @@ $$;
 
 -- What is left of `bucket`'s window, counting nothing.
 CREATE FUNCTION api_rate_remaining(p_bucket text, p_per_window integer) RETURNS integer
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql VOLATILE AS $$  -- clock_timestamp()
     SELECT greatest(p_per_window - count(*), 0)::integer FROM api_rate_hits
     WHERE bucket = p_bucket AND expires_at > clock_timestamp()
 $$;
 
 -- A slot of `p_kind` for the key, in the process, if the key holds fewer than `p_cap` in
--- processes alive (beaten within `p_alive_seconds`): the slot's id, else NULL.
+-- processes alive (beaten within `p_alive_seconds`; the caller's own always: a late beat of
+-- its own must not lift its caps): the slot's id, else NULL.
 CREATE FUNCTION api_take_slot(
     p_process uuid, p_key_id bigint, p_kind text, p_cap integer, p_alive_seconds double precision
 ) RETURNS bigint LANGUAGE plpgsql AS $$
@@ -85,7 +86,8 @@ BEGIN
     PERFORM pg_advisory_xact_lock(29548, hashtext(p_kind || ' ' || p_key_id));  -- 0x736c, "sl"
     SELECT count(*) INTO held FROM api_slots s JOIN api_processes p ON p.id = s.process_id
         WHERE s.key_id = p_key_id AND s.kind = p_kind
-        AND p.heartbeat_at > clock_timestamp() - make_interval(secs => p_alive_seconds);
+        AND (p.heartbeat_at > clock_timestamp() - make_interval(secs => p_alive_seconds)
+             OR p.id = p_process);
     IF held >= p_cap THEN
         RETURN NULL;
     END IF;

@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from marketdata_pipeline.api.shared_limits import ALIVE_SECONDS, HEARTBEAT_SECONDS
+from marketdata_pipeline.api.shared_limits import ALIVE_SECONDS, HEARTBEAT_SECONDS, SharedLimits
+from marketdata_pipeline.config import api_rate_limit
 from marketdata_pipeline.registry import api_keys
 from marketdata_pipeline.warehouse.connection import connection
 from tests.conftest import PROJECT_DIR
@@ -258,3 +259,19 @@ def test_a_bad_trusted_proxy_exits_with_one_line(
     assert done.returncode != 0, done.stderr
     assert done.stderr.startswith(f"marketdata: error: {expected}"), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_process_whose_own_beat_is_late_still_counts_its_own_slots(warehouse_url: str) -> None:
+    """Its heartbeat's session refused (the server full) while its pool still works: the
+    slots it holds must keep counting against the key's cap."""
+    limits = SharedLimits(api_rate_limit("600/minute"))
+    with connection(warehouse_url, autocommit=True) as conn:
+        key, _ = api_keys.create(conn, "late beat")
+        limits.register(conn)
+        conn.execute(
+            "UPDATE api_processes SET heartbeat_at = now() - interval '1 hour' WHERE id = %s",
+            (limits.process_id,),
+        )
+        taken = [limits.take(conn, key.id, "stream", 2) for _ in range(3)]
+    assert taken[0] is not None and taken[1] is not None
+    assert taken[2] is None, "a third stream past the cap of 2"

@@ -325,14 +325,23 @@ def test_admin_jobs_and_no_secret_in_the_event_log(
         instance=instance, run_config={"ops": {"issue_api_key": {"config": {"name": "ops"}}}}
     )
     assert created.success
+    shown: list[str] = []
+
+    def fail_to_write(raw: str) -> None:
+        raise OSError("No space left on device")
+
     with db.connection(url) as conn:
-        [(sealed,)] = conn.execute("SELECT sealed FROM api_key_deliveries WHERE key_id = 2")
-        raw = key_delivery.reveal(conn, 2, identity)
+        with pytest.raises(OSError):
+            key_delivery.reveal(conn, 2, identity, fail_to_write)
+        assert key_delivery.sealed_key_ids(conn) == {2}, "a failed write keeps the sealed key"
+        key_delivery.reveal(conn, 2, identity, shown.append)
+        [raw] = shown
         assert apikeys.authenticate(conn, raw).name == "ops"
-        with pytest.raises(NotFound, match="no sealed raw key waits for API key 2"):
-            key_delivery.reveal(conn, 2, identity)  # shown once
-    assert raw.startswith("mdw_") and raw.encode() not in bytes(sealed)
-    assert not list(tmp_path.glob("**/key-*")), "nothing on the run's disk"
+        with pytest.raises(NotFound, match="API key 2 has no sealed raw key: revealed already"):
+            key_delivery.reveal(conn, 2, identity, shown.append)  # shown once
+        with pytest.raises(NotFound, match="no API key with id 99"):
+            key_delivery.reveal(conn, 99, identity, shown.append)
+    assert len(shown) == 1
 
     everything = []
     for run in instance.get_runs():
@@ -359,6 +368,26 @@ def test_create_api_key_without_a_recipient_creates_nothing(
     monkeypatch.setenv(key_delivery.RECIPIENT_VARIABLE, "mdpub_not-a-key")
     malformed = create_key(instance, "nobody")
     assert "MARKETDATA_KEY_RECIPIENT must be a public key" in step_failure(malformed)
+    with db.connection(url) as conn:
+        assert apikeys.find_by_name(conn, "nobody") is None
+
+
+def test_a_key_that_cannot_be_sealed_is_not_created(
+    url, instance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    identity = key_delivery.create_identity(tmp_path / "identity")
+    monkeypatch.setenv(
+        key_delivery.RECIPIENT_VARIABLE, key_delivery.public_text(identity.recipient)
+    )
+    with db.connection(url) as conn:
+        conn.execute("ALTER TABLE api_key_deliveries RENAME TO api_key_deliveries_away")
+    try:
+        assert not create_key(instance, "unsealed").success
+    finally:
+        with db.connection(url) as conn:
+            conn.execute("ALTER TABLE api_key_deliveries_away RENAME TO api_key_deliveries")
+    with db.connection(url) as conn:
+        assert apikeys.find_by_name(conn, "unsealed") is None, "created and sealed together"
 
 
 def test_polygon_key_stays_out_of_resource_config() -> None:

@@ -107,7 +107,8 @@ class KeyGate:
             return
         client = _client(scope)
         try:
-            admission = await self.warehouse.run(self._admit, _presented(scope), client)
+            with anyio.CancelScope(shield=True):  # a slot it took is given back below
+                admission = await self.warehouse.run(self._admit, _presented(scope), client)
         except (DatabaseUnavailable, PoolBusy) as unavailable:  # nothing checked nor audited
             await _unavailable(unavailable)(scope, receive, send)
             return

@@ -184,7 +184,8 @@ async def respond(request: Request, queries: WarehousePool, streams: Streams) ->
     # The slot is taken before waiting for a session. The session is taken, and the first
     # chunk read, before the response starts: a stream that cannot have one, or whose query
     # fails, is an error, not a 200.
-    slot = await streams.keys.run(streams.limits.take, key.id, "stream", STREAMS_PER_KEY)
+    with anyio.CancelScope(shield=True):  # a slot taken is always given back, cancelled or not
+        slot = await streams.keys.run(streams.limits.take, key.id, "stream", STREAMS_PER_KEY)
     if slot is None:
         raise ApiError(
             429,

@@ -176,8 +176,13 @@ class SharedLimits:
         its own: a busy moment cannot make this process look gone, and the beats take no
         worker thread from the requests (a stream's chunks, encoded on whichever is free,
         would spread their memory over more threads)."""
+        self._stopping.clear()
         conn = connect(url, autocommit=True)
-        self.register(conn)
+        try:
+            self.register(conn)
+        except BaseException:
+            _closed(conn)
+            raise
         self._beating = threading.Thread(
             target=self._keep_beating, args=(url, conn), name="heartbeat", daemon=True
         )
@@ -188,7 +193,8 @@ class SharedLimits:
         ALIVE_SECONDS."""
         self._stopping.set()
         if self._beating is not None:
-            self._beating.join()
+            # A beat stuck on a dead connection must not hold the shutdown for ever.
+            self._beating.join(timeout=HEARTBEAT_SECONDS + ALIVE_SECONDS)
 
     def _keep_beating(self, url: str, conn: psycopg.Connection | None) -> None:
         while not self._stopping.wait(HEARTBEAT_SECONDS):

@@ -70,9 +70,14 @@ def db_stop() -> None:
 @click.command("bootstrap")
 def bootstrap_command() -> None:
     """Migrate, verify the schema, create the admin API key and seed the default symbols."""
-    recipient = key_delivery.configured_recipient()
-    with warehouse() as conn:
+    url = embedded.warehouse_url()
+    # In a deployment this output is a container's log: a new admin key goes sealed, never here.
+    recipient = (
+        key_delivery.required_recipient("by bootstrap in a deployment")
+        if config.deployed()
+        else key_delivery.configured_recipient()
+    )
+    if dagster_url := os.environ.get("DAGSTER_PG_URL"):
+        click.echo(ensure_instance_database(url, dagster_url))
+    with connection(url) as conn:
         print_bootstrap(bootstrap(conn, recipient))
-    dagster_url = os.environ.get("DAGSTER_PG_URL")
-    if dagster_url and (name := ensure_instance_database(embedded.warehouse_url(), dagster_url)):
-        click.echo(f"Dagster's instance database {name} is ready (DAGSTER_PG_URL)")

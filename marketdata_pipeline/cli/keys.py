@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -33,7 +34,7 @@ def keys_list() -> None:
     """Every key (never its hash)."""
     with warehouse() as conn:
         keys = api_keys.list_keys(conn)
-        sealed = key_delivery.waiting(conn)
+        sealed = key_delivery.sealed_key_ids(conn)
     table(
         ["ID", "NAME", "ACTIVE", "CREATED", "LAST USED", "ENDPOINT", "REQUESTS", "RAW KEY"],
         [
@@ -66,10 +67,14 @@ def keys_identity(path: Path | None) -> None:
 def keys_reveal(key_id: int, identity_file: Path | None) -> None:
     """Print the raw key of KEY_ID that a run sealed, once: it is erased as it is shown."""
     identity = key_delivery.load_identity(key_delivery.identity_path(identity_file))
+
+    def show(raw: str) -> None:  # the key alone on stdout, for KEY=$(marketdata keys reveal ID)
+        click.echo(f"key {key_id}; shown once, store it now:", err=True)
+        click.echo(raw)
+        sys.stdout.flush()  # a failed write raises here, and the sealed key is kept
+
     with warehouse() as conn:
-        raw = key_delivery.reveal(conn, key_id, identity)
-    click.echo(f"key {key_id}; shown once, store it now:")
-    click.echo(raw)
+        key_delivery.reveal(conn, key_id, identity, show)
 
 
 def _key_action(action: str, verb: str) -> click.Command:

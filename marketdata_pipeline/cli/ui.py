@@ -91,7 +91,7 @@ def ui_command(port: int, api_port: int, splits: tuple[StagedSplit, ...]) -> Non
     try:
         url = embedded.warehouse_url(database)
         with connection(url) as conn:
-            print_bootstrap(bootstrap(conn))
+            print_bootstrap(bootstrap(conn, key_delivery.configured_recipient()))
         if on_embedded:
             embedded.record_ui(database)  # other commands on this home now use this database
         dagster_home = _dagster_instance(url, simulated)

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from marketdata_pipeline.defs.resources import WarehouseResource
 from marketdata_pipeline.domain import AssetClass
-from marketdata_pipeline.errors import ConfigError, MarketdataError
+from marketdata_pipeline.errors import MarketdataError
 from marketdata_pipeline.registry import api_keys, key_delivery, symbols
 
 TAGS = {"marketdata/kind": "admin"}
@@ -70,12 +70,7 @@ def issue_api_key(
     # A run's disk and log are no place for a raw key (its container is gone when it ends):
     # it is sealed to the operator's public key and kept in the warehouse until revealed.
     with failing_clearly():
-        recipient = key_delivery.configured_recipient()
-        if recipient is None:
-            raise ConfigError(
-                f"{key_delivery.RECIPIENT_VARIABLE} is not set, so the new key could reach no "
-                "operator: set it to the public key `marketdata keys identity` prints"
-            )
+        recipient = key_delivery.required_recipient("by a run")
         with warehouse.connection() as conn, conn.transaction():
             key, raw = api_keys.create(conn, config.name)
             key_delivery.seal(conn, key.id, raw, recipient)

@@ -11,6 +11,7 @@ what it stores.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from marketdata_pipeline import config
 from marketdata_pipeline.errors import AlreadyExists, ConfigError, NotFound
+from marketdata_pipeline.registry import api_keys
 
 RECIPIENT_VARIABLE = "MARKETDATA_KEY_RECIPIENT"
 IDENTITY_VARIABLE = "MARKETDATA_KEY_IDENTITY"
@@ -52,6 +54,17 @@ def parse_recipient(text: str, source: str = RECIPIENT_VARIABLE) -> PublicKey:
 def configured_recipient() -> PublicKey | None:
     raw = (os.environ.get(RECIPIENT_VARIABLE) or "").strip()
     return parse_recipient(raw) if raw else None
+
+
+def required_recipient(where: str) -> PublicKey:
+    """The recipient, or the one line that says a raw key made `where` would reach no one."""
+    recipient = configured_recipient()
+    if recipient is None:
+        raise ConfigError(
+            f"{RECIPIENT_VARIABLE} is not set, so a raw key made {where} would reach no "
+            "operator: set it to the public key `marketdata keys identity` prints"
+        )
+    return recipient
 
 
 def identity_path(path: Path | None = None) -> Path:
@@ -114,27 +127,37 @@ def seal(conn: psycopg.Connection, key_id: int, raw_key: str, recipient: PublicK
     )
 
 
-def reveal(conn: psycopg.Connection, key_id: int, identity: Identity) -> str:
-    """The raw key sealed for `key_id`, erased in the same transaction: shown once. A wrong
-    identity erases nothing."""
+def reveal(
+    conn: psycopg.Connection, key_id: int, identity: Identity, show: Callable[[str], None]
+) -> None:
+    """`show` the raw key sealed for `key_id`, then erase it, in one transaction: shown once.
+    Erased only once `show` returned (a failed write keeps it); a wrong identity erases
+    nothing."""
     with conn.transaction():
         row = conn.execute(
             "SELECT recipient, sealed FROM api_key_deliveries WHERE key_id = %s FOR UPDATE",
             (key_id,),
         ).fetchone()
         if row is None:
-            raise NotFound(f"no sealed raw key waits for API key {key_id} (revealed, or none)")
+            api_keys.get(conn, key_id)  # NotFound for a key that does not exist
+            raise NotFound(
+                f"API key {key_id} has no sealed raw key: revealed already, or made where its "
+                "raw key was shown (`keys create`, `marketdata ui`)"
+            )
         recipient, sealed = row
         if recipient != public_text(identity.recipient):
             raise ConfigError(
                 f"API key {key_id} is sealed to {recipient}, not to this identity's "
                 f"{public_text(identity.recipient)}"
             )
-        raw = SealedBox(identity.private).decrypt(bytes(sealed)).decode()
+        try:
+            raw = SealedBox(identity.private).decrypt(bytes(sealed)).decode()
+        except (CryptoError, UnicodeDecodeError):
+            raise ConfigError(f"the sealed raw key of API key {key_id} is corrupt") from None
+        show(raw)
         conn.execute("DELETE FROM api_key_deliveries WHERE key_id = %s", (key_id,))
-    return raw
 
 
-def waiting(conn: psycopg.Connection) -> set[int]:
+def sealed_key_ids(conn: psycopg.Connection) -> set[int]:
     """The key ids whose raw key waits to be revealed."""
     return {row[0] for row in conn.execute("SELECT key_id FROM api_key_deliveries")}

@@ -8,7 +8,6 @@ import psycopg
 from nacl.public import PublicKey
 from psycopg.conninfo import conninfo_to_dict
 
-from marketdata_pipeline import config
 from marketdata_pipeline.config import DEFAULT_SYMBOLS
 from marketdata_pipeline.errors import ConfigError, MigrationError
 from marketdata_pipeline.registry import api_keys, key_delivery, symbols
@@ -65,7 +64,7 @@ def verify_schema(conn: psycopg.Connection) -> None:
 
 def bootstrap(conn: psycopg.Connection, recipient: PublicKey | None = None) -> BootstrapResult:
     """With `recipient`, a new admin key is sealed to it (`marketdata keys reveal`) instead of
-    returned: in a deployment bootstrap's output is a container's log, where no key may go."""
+    returned (a deployment's bootstrap output is a container's log, where no key may go)."""
     applied = migrations.migrate(conn)
     verify_schema(conn)
     conn.autocommit = False
@@ -74,12 +73,6 @@ def bootstrap(conn: psycopg.Connection, recipient: PublicKey | None = None) -> B
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (migrations.MIGRATION_LOCK_KEY,))
         admin_key, sealed_id = None, None
         if api_keys.find_by_name(conn, ADMIN_KEY_NAME) is None:
-            if recipient is None and config.deployed():
-                raise ConfigError(
-                    "MARKETDATA_DEPLOYMENT is set but MARKETDATA_KEY_RECIPIENT is not: the new "
-                    "admin key would go to this container's log; set it to an operator's public "
-                    "key (`marketdata keys identity`)"
-                )
             key, admin_key = api_keys.create(conn, ADMIN_KEY_NAME)
             if recipient is not None:
                 key_delivery.seal(conn, key.id, admin_key, recipient)
@@ -88,16 +81,32 @@ def bootstrap(conn: psycopg.Connection, recipient: PublicKey | None = None) -> B
     return BootstrapResult(applied, admin_key, added, sealed_id)
 
 
-def ensure_instance_database(warehouse_url: str, dagster_url: str) -> str | None:
-    """Create the Dagster instance's database (DAGSTER_PG_URL) when it is on the warehouse's
-    server and missing, so that one bootstrap readies a deployment; returns its name. On
-    another server it is the operator's to make."""
+def ensure_instance_database(warehouse_url: str, dagster_url: str) -> str:
+    """Create the Dagster instance's database (DAGSTER_PG_URL) when it is missing on the
+    warehouse's server and for the warehouse's own role (a database made for another role
+    would be one it cannot create tables in), so that one bootstrap readies a deployment;
+    returns what was done, in a line."""
     scheme, _, rest = dagster_url.partition("://")  # SQLAlchemy's postgresql+psycopg2://
-    dagster = conninfo_to_dict(f"{scheme.split('+')[0]}://{rest}" if rest else dagster_url)
+    try:
+        dagster = conninfo_to_dict(f"{scheme.split('+')[0]}://{rest}" if rest else dagster_url)
+    except psycopg.ProgrammingError:
+        raise ConfigError(
+            "DAGSTER_PG_URL is not a valid PostgreSQL URL (its value may hold a password: "
+            "not shown)"
+        ) from None
     warehouse = conninfo_to_dict(warehouse_url)
     name = dagster.get("dbname")
-    server = ("host", "port", "hostaddr")
-    if not name or any(warehouse.get(k) != dagster.get(k) for k in server):
-        return None
+    if not name:
+        raise ConfigError("DAGSTER_PG_URL names no database")
+
+    def where(params: dict) -> tuple:
+        return (params.get("host") or "localhost", str(params.get("port") or 5432),
+                params.get("user"))  # fmt: skip
+
+    if where(dagster) != where(warehouse):
+        return (
+            f"Dagster's instance database {name} is on another server or for another role "
+            "than the warehouse's: create it there as its owner if it is missing"
+        )
     embedded.ensure_database(warehouse_url, str(name))
-    return str(name)
+    return f"Dagster's instance database {name} is ready (DAGSTER_PG_URL)"
