@@ -87,18 +87,22 @@ def api_server(url: str, log: Path) -> Iterator[str]:
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(150):
-            try:
-                httpx.get(f"{base}/v1/openapi.json", timeout=2).raise_for_status()
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise SystemExit(f"bench: marketdata serve did not start: {log.read_text()}")
+        wait_until_serving(base, log, "marketdata serve")
         yield base
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def wait_until_serving(base: str, log: Path, what: str) -> None:
+    """Until the API at `base` answers (30 s), or exit with the server's log."""
+    for _ in range(150):
+        try:
+            httpx.get(f"{base}/v1/openapi.json", timeout=2).raise_for_status()
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit(f"bench: {what} did not start: {log.read_text()}")
 
 
 def best_of_three(run: Callable[[], int], expected: int) -> float:

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import psycopg
 import uvicorn
 from bench import free_port, fresh_database, machine
+from bench_api import wait_until_serving
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
@@ -174,14 +174,7 @@ def server(backend: str, url: str, redis_url: str, log: Path) -> Iterator[str]:
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(150):
-            try:
-                httpx.get(f"{base}/v1/openapi.json", timeout=2).raise_for_status()
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise SystemExit(f"bench: the {backend} server did not start: {log.read_text()}")
+        wait_until_serving(base, log, f"the {backend} server")
         yield base
     finally:
         process.terminate()
